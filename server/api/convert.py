@@ -1,0 +1,227 @@
+"""Wire requests in, engine requests out; engine events in, wire dicts out.
+
+Owns: the one conversion from an OpenAI request to `GenerationRequest`s
+(prompt encoding, chat templating, defaults, the configured caps, the context
+check, seeds per choice) and the OpenAI shapes of choices, logprobs and usage.
+Every refusal here is an InvalidRequest naming the field, raised before any
+request reaches the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ServerConfig
+from ..engine.protocol import PromptTokenizer
+from ..engine.types import GenerationEvent, GenerationRequest, SamplingParams, TokenLogprob
+from ..errors import InvalidRequest
+from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+log = logging.getLogger("loraplex.api")
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+SEED_MASK = 2**64 - 1
+
+
+@dataclass
+class Plan:
+    """What one HTTP request becomes: engine requests, one per choice."""
+
+    id: str
+    requests: list[GenerationRequest]
+    prompt_tokens: int               # counted once per prompt, not per choice
+
+
+def log_ignored(body: SamplingFields, route: str) -> None:
+    extra = sorted((body.model_extra or {}).keys())
+    if extra:
+        log.info("%s: ignoring unsupported fields %s", route, extra)
+
+
+def _stops(stop: str | list[str] | None, cfg: ServerConfig) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > cfg.max_stop_sequences:
+        raise InvalidRequest(f"at most {cfg.max_stop_sequences} stop sequences, got {len(stops)}", param="stop")
+    for s in stops:
+        if not s:
+            raise InvalidRequest("stop sequences must not be empty", param="stop")
+        if len(s) > cfg.max_stop_length:
+            raise InvalidRequest(f"stop sequences may be at most {cfg.max_stop_length} characters, got {len(s)}",
+                                 param="stop")
+    return tuple(stops)
+
+
+def _max_tokens(asked: int | None, default: int | None, prompt_len: int, context: int, cfg: ServerConfig,
+                param: str) -> int:
+    if asked is not None and asked > cfg.max_tokens:
+        raise InvalidRequest(f"{param} is {asked}; this server allows at most {cfg.max_tokens}", param=param)
+    room = context - prompt_len
+    if asked is None:
+        asked = min(default if default is not None else cfg.default_max_tokens, cfg.max_tokens, room)
+        if asked < 1:
+            raise InvalidRequest(f"the prompt is {prompt_len} tokens; this model's context is {context} tokens, "
+                                 "which leaves no room to generate", param="messages" if param != "max_tokens" else "prompt")
+    elif prompt_len + asked > context:
+        raise InvalidRequest(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} in the completion).", param=param)
+    return asked
+
+
+def _check_prompt_len(n: int, context: int, cfg: ServerConfig, param: str) -> None:
+    if n == 0:
+        raise InvalidRequest("the prompt is empty", param=param)
+    cap = min(cfg.max_prompt_tokens or context, context)
+    if n > cap:
+        raise InvalidRequest(f"the prompt is {n} tokens; the limit is {cap}", param=param)
+
+
+def _params(body: SamplingFields, max_tokens: int, stops: tuple[str, ...], logprobs: int | None,
+            seed: int | None) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k or 0),
+        seed=None if seed is None else seed & SEED_MASK,
+        stop=stops,
+        min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logprobs=logprobs,
+    )
+
+
+def _check_common(body: SamplingFields, cfg: ServerConfig, logprobs: int | None) -> tuple[str, ...]:
+    if body.n > cfg.max_n:
+        raise InvalidRequest(f"n is {body.n}; this server allows at most {cfg.max_n}", param="n")
+    if logprobs is not None and logprobs > cfg.max_top_logprobs:
+        raise InvalidRequest(f"at most {cfg.max_top_logprobs} logprobs alternatives, got {logprobs}", param="logprobs")
+    if body.min_tokens and body.max_tokens is not None and body.min_tokens > body.max_tokens:
+        raise InvalidRequest(f"min_tokens ({body.min_tokens}) is larger than max_tokens ({body.max_tokens})",
+                             param="min_tokens")
+    return _stops(body.stop, cfg)
+
+
+def _choices(prompts: list[list[int]], body: SamplingFields, adapter: str | None, rid: str,
+             params_for: Any) -> list[GenerationRequest]:
+    reqs = []
+    for p_index, ids in enumerate(prompts):
+        for j in range(body.n):
+            index = p_index * body.n + j
+            seed = None if body.seed is None else body.seed + index
+            reqs.append(GenerationRequest(f"{rid}-{index}", ids, params_for(ids, seed), adapter))
+    return reqs
+
+
+def plan_completion(body: CompletionRequest, tok: PromptTokenizer, context: int, cfg: ServerConfig,
+                    adapter: str | None) -> Plan:
+    if body.echo:
+        raise InvalidRequest("echo is not supported", param="echo")
+    if body.suffix:
+        raise InvalidRequest("suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise InvalidRequest("best_of other than n is not supported", param="best_of")
+    stops = _check_common(body, cfg, body.logprobs)
+    raw = body.prompt
+    if isinstance(raw, str):
+        prompts = [tok.encode(raw)]
+    elif raw and all(isinstance(x, int) for x in raw):
+        prompts = [list(raw)]
+    elif raw and all(isinstance(x, str) for x in raw):
+        prompts = [tok.encode(x) for x in raw]
+    elif raw and all(isinstance(x, list) for x in raw):
+        prompts = [list(x) for x in raw]
+    else:
+        raise InvalidRequest("prompt must be a string, a list of strings, or token ids", param="prompt")
+    if len(prompts) > cfg.max_prompts:
+        raise InvalidRequest(f"at most {cfg.max_prompts} prompts in one request, got {len(prompts)}", param="prompt")
+    for ids in prompts:
+        _check_prompt_len(len(ids), context, cfg, "prompt")
+        if any(not 0 <= t < tok.vocab_size for t in ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {tok.vocab_size})", param="prompt")
+
+    def params_for(ids: list[int], seed: int | None) -> SamplingParams:
+        mt = _max_tokens(body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, len(ids), context, cfg, "max_tokens")
+        return _params(body, mt, stops, body.logprobs, seed)
+
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    return Plan(rid, _choices(prompts, body, adapter, rid, params_for), sum(len(p) for p in prompts))
+
+
+def _message_dicts(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    out = []
+    for m in body.messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        d: dict[str, Any] = {"role": m.role, "content": content or ""}
+        if m.name:
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+def plan_chat(body: ChatCompletionRequest, tok: PromptTokenizer, context: int, cfg: ServerConfig,
+              adapter: str | None) -> Plan:
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    stops = _check_common(body, cfg, top)
+    ids = tok.apply_chat_template(_message_dicts(body))
+    _check_prompt_len(len(ids), context, cfg, "messages")
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    mt = _max_tokens(asked, None, len(ids), context, cfg, param)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    reqs = _choices([ids], body, adapter, rid, lambda _ids, seed: _params(body, mt, stops, top, seed))
+    return Plan(rid, reqs, len(ids))
+
+
+# -- responses -------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    offsets, pos = [], offset
+    for e in entries:
+        offsets.append(pos)
+        pos += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t: lp for _, t, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    def one(token: str, lp: float) -> dict[str, Any]:
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for _, t, lp in e.top]}
+                        for e in entries]}
+
+
+@dataclass
+class ChoiceAccumulator:
+    """Collects one choice's events for a non-streaming response."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+
+    def add(self, ev: GenerationEvent) -> None:
+        self.text += ev.text
+        self.completion_tokens = ev.completion_tokens
+        if ev.logprobs:
+            self.logprobs = (self.logprobs or []) + ev.logprobs
+        if ev.finish_reason:
+            self.finish_reason = ev.finish_reason

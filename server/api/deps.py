@@ -1,0 +1,113 @@
+"""What every route shares: the app's state, auth, and the body-size cap.
+
+Owns: `AppState` (config, engine, registry, start time), the inference-key
+check (constant-time comparison), the readiness guard, and an ASGI middleware
+that refuses bodies over `server.max_body_bytes` with 413, whether or not the
+client sent a Content-Length.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..config import Config
+from ..engine.protocol import Engine
+from ..errors import NotReady, Unauthorized
+from ..registry import Registry
+from .errors import body as error_body
+
+
+@dataclass
+class AppState:
+    config: Config
+    engine: Engine
+    registry: Registry
+    api_keys: list[str]
+    started_at: int = field(default_factory=lambda: int(time.time()))
+    adapters_ready: bool = False    # the store has been scanned at start-up
+    load_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready and self.adapters_ready
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.loraplex
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(token: str, keys: list[str]) -> bool:
+    # Compare against every key, whatever matches, so timing says nothing.
+    found = False
+    for k in keys:
+        found |= hmac.compare_digest(token.encode(), k.encode())
+    return found
+
+
+def require_inference(request: Request) -> AppState:
+    """Dependency of every /v1 inference route: API key (when configured), then readiness."""
+    state = get_state(request)
+    if state.api_keys:
+        token = bearer(request)
+        if token is None or not _matches(token, state.api_keys):
+            raise Unauthorized("a valid API key is required: Authorization: Bearer KEY", code="invalid_api_key")
+    if not state.ready:
+        raise NotReady("the model is loading or the server is shutting down", code="not_ready")
+    return state
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over `max_bytes`: by Content-Length up front, else while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_bytes
+            except ValueError:
+                too_big = False
+            if too_big:
+                await self._refuse(send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    # FastAPI re-raises HTTPException from body reading; our handler shapes it.
+                    raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return msg
+
+        await self.app(scope, limited, send)
+
+    async def _refuse(self, send: Send) -> None:
+        import json
+
+        payload = json.dumps(error_body(f"request body over {self.max_bytes} bytes", "invalid_request_error",
+                                        None, "body_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})

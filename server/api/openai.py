@@ -1,0 +1,152 @@
+"""The OpenAI-compatible inference routes under /v1, and /health and /ready.
+
+Owns: request handling order — auth and readiness, model resolution (404),
+conversion (400), submission (429/503), then either an SSE stream or a JSON
+body — and stopping generation when the client goes away: streams through
+sse-starlette's disconnect detection, non-streaming requests by watching the
+connection while they wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from ..engine.types import GenerationEvent
+from .convert import (ChoiceAccumulator, Plan, chat_logprobs, completion_logprobs, log_ignored, plan_chat,
+                      plan_completion, usage)
+from .deps import AppState, get_state, require_inference
+from .errors import body as error_body
+from .schemas import ChatCompletionRequest, CompletionRequest
+from .streaming import chat_chunks, completion_chunks, merge
+
+log = logging.getLogger("loraplex.api")
+router = APIRouter()
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    state = get_state(request)
+    if state.ready:
+        return {"status": "ready", "model": state.engine.model_id}
+    message = state.load_error or "the model is loading"
+    return JSONResponse(error_body(message, "service_unavailable_error", None, "not_ready"), status_code=503)
+
+
+@router.get("/v1/models")
+async def list_models(state: AppState = Depends(require_inference)):
+    base = state.engine.model_id
+    data = [{"id": base, "object": "model", "created": state.started_at, "owned_by": "loraplex",
+             "parent": None, "root": base}]
+    for e in state.registry.entries():
+        data.append({"id": e.name, "object": "model", "created": int(e.loaded_at), "owned_by": "loraplex",
+                     "parent": base, "root": str(e.info.folder)})
+    return {"object": "list", "data": data}
+
+
+def _submit(state: AppState, plan: Plan) -> list[AsyncIterator[GenerationEvent]]:
+    """Submit every choice, or none: a refusal part-way aborts those already queued."""
+    streams = []
+    try:
+        for r in plan.requests:
+            streams.append(state.engine.submit(r))
+    except BaseException:
+        _abort_all(state, plan)
+        raise
+    return streams
+
+
+def _abort_all(state: AppState, plan: Plan) -> None:
+    for r in plan.requests:
+        state.engine.abort(r.request_id)
+
+
+async def _collect(request: Request, state: AppState, plan: Plan,
+                   streams: list[AsyncIterator[GenerationEvent]]) -> list[ChoiceAccumulator] | None:
+    """Run all choices to the end; None if the client disconnected first (generation aborted)."""
+    acc = [ChoiceAccumulator() for _ in streams]
+
+    async def run() -> None:
+        async for i, ev in merge(streams):
+            acc[i].add(ev)
+
+    async def gone() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+
+    work, watch = asyncio.create_task(run()), asyncio.create_task(gone())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            _abort_all(state, plan)
+            await asyncio.gather(work, return_exceptions=True)
+            log.info("%s: client disconnected; generation aborted", plan.id)
+            return None
+    work.result()  # re-raise an engine error
+    return acc
+
+
+def _stream(state: AppState, plan: Plan, chunks: Callable, model: str, include_usage: bool,
+            streams: list[AsyncIterator[GenerationEvent]]) -> EventSourceResponse:
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for data in chunks(plan.id, model, streams, plan.prompt_tokens, include_usage):
+                yield data
+        finally:
+            _abort_all(state, plan)  # no-op for finished requests; stops the rest
+    return EventSourceResponse(events(), ping=15)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, state: AppState = Depends(require_inference)):
+    log_ignored(body, "/v1/completions")
+    adapter = state.registry.resolve(body.model)
+    plan = plan_completion(body, state.engine.tokenizer, state.engine.context_length, state.config.server, adapter)
+    streams = _submit(state, plan)
+    if body.stream:
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(state, plan, completion_chunks, body.model, include, streams)
+    acc = await _collect(request, state, plan, streams)
+    if acc is None:
+        return JSONResponse({}, status_code=499)
+    choices = [{"index": i, "text": a.text, "finish_reason": a.finish_reason,
+                "logprobs": completion_logprobs(a.logprobs) if a.logprobs is not None else None}
+               for i, a in enumerate(acc)]
+    return {"id": plan.id, "object": "text_completion", "created": int(time.time()),
+            "model": body.model, "choices": choices,
+            "usage": usage(plan.prompt_tokens, sum(a.completion_tokens for a in acc))}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           state: AppState = Depends(require_inference)):
+    log_ignored(body, "/v1/chat/completions")
+    adapter = state.registry.resolve(body.model)
+    plan = plan_chat(body, state.engine.tokenizer, state.engine.context_length, state.config.server, adapter)
+    streams = _submit(state, plan)
+    if body.stream:
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(state, plan, chat_chunks, body.model, include, streams)
+    acc = await _collect(request, state, plan, streams)
+    if acc is None:
+        return JSONResponse({}, status_code=499)
+    choices = [{"index": i, "message": {"role": "assistant", "content": a.text},
+                "logprobs": chat_logprobs(a.logprobs) if a.logprobs is not None else None,
+                "finish_reason": a.finish_reason}
+               for i, a in enumerate(acc)]
+    return {"id": plan.id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
+            "choices": choices, "usage": usage(plan.prompt_tokens, sum(a.completion_tokens for a in acc))}

@@ -1,0 +1,74 @@
+"""The app factory: builds the FastAPI app around an engine; nothing happens at import.
+
+Owns: `create_app(config, engine=None)`, the lifespan (start the engine, wait
+for the model in the background, register the adapter store, shut the engine
+down in `finally`), and the wiring of middleware, error handlers and routers.
+Tests pass their own engine (usually `FakeEngine`); `loraplex serve` passes
+none and gets the `TorchEngine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .config import Config
+from .engine.protocol import Engine
+from .registry import Registry
+from .api import errors as api_errors
+from .api.deps import AppState, BodyLimitMiddleware
+from .api.openai import router as openai_router
+
+log = logging.getLogger("loraplex.app")
+
+
+def build_engine(config: Config) -> Engine:
+    from .engine.loop import TorchEngine  # torch is imported only when a real engine is wanted
+
+    return TorchEngine(config.model, config.engine, cache_dir=config.path(config.model.cache_dir),
+                       max_lora_rank=config.adapters.max_lora_rank)
+
+
+async def _warm_up(state: AppState, exit_on_failure: bool) -> None:
+    """Wait for the model, then register the adapter store; /ready turns 200 after."""
+    try:
+        await state.engine.wait_ready()
+        if state.config.adapters.load_at_startup:
+            names = await state.registry.load_store()
+            log.info("adapters registered at start-up: %s", ", ".join(names) or "none")
+        state.adapters_ready = True
+        log.info("ready: serving %s", state.engine.model_id)
+    except Exception as e:
+        state.load_error = f"start-up failed: {type(e).__name__}: {e}"
+        log.critical(state.load_error)
+        if exit_on_failure:  # a server without its model is no server: let the process end
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_failure: bool = False) -> FastAPI:
+    engine = engine if engine is not None else build_engine(config)
+    registry = Registry(engine, config.path(config.adapters.dir))
+    state = AppState(config=config, engine=engine, registry=registry, api_keys=config.api_keys())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        warm = asyncio.create_task(_warm_up(state, exit_on_load_failure))
+        try:
+            yield
+        finally:
+            warm.cancel()
+            await asyncio.gather(warm, return_exceptions=True)
+            await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    app.state.loraplex = state
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)
+    api_errors.install(app)
+    app.include_router(openai_router)
+    return app

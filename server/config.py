@@ -1,0 +1,242 @@
+"""One typed configuration tree, read once.
+
+Owns: the sections of `config.toml`, their defaults and validation, and the
+layering file < environment (`LORAPLEX_<SECTION>__<KEY>`) < command-line flags.
+The environment comes in as a parameter (`environ=`), never read deep inside,
+so tests can pass their own. Relative paths are resolved against the folder
+of the config file (or the working directory when there is none).
+
+It does not know what the values are used for; each section's docstring and
+field comments say what they mean, and `config.toml` repeats that for users.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+ENV_PREFIX = "LORAPLEX_"
+
+
+@dataclass
+class ServerConfig:
+    """HTTP front end: address, credentials and request limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Inference API keys. Empty = no auth on /v1. Prefer the environment
+    # (LORAPLEX_SERVER__API_KEYS="k1,k2") or api_keys_file over the TOML.
+    api_keys: list[str] = field(default_factory=list)
+    api_keys_file: str = ""
+    # Admin token (separate from API keys). Empty = admin routes answer loopback only.
+    admin_token: str = ""
+    admin_token_file: str = ""
+    log_level: str = "info"
+    max_body_bytes: int = 1_048_576
+    # Caps checked before any model work.
+    max_tokens: int = 4096          # largest max_tokens a request may ask for
+    default_max_tokens: int = 256   # chat default when the request names none
+    max_n: int = 8
+    max_prompt_tokens: int = 0      # 0 = the model's context length
+    max_stop_sequences: int = 8
+    max_stop_length: int = 256
+    max_top_logprobs: int = 20
+    max_prompts: int = 64           # prompts in one /v1/completions list
+
+
+@dataclass
+class ModelConfig:
+    """The resident base model and how it is loaded."""
+
+    # "default" (embedded SmolLM2-135M-Instruct), a transformers folder, or a .gguf file.
+    model: str = "default"
+    id: str = ""                    # served id; "" = derived from the model
+    dtype: str = "auto"             # auto | float32 | bfloat16 | float16
+    quantization: str = "none"      # none | nf4 | fp4 | int8 (bitsandbytes)
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    cache_dir: str = ".cache/models"   # where converted models are kept
+    context_length: int = 0         # 0 = the model's max_position_embeddings
+
+
+@dataclass
+class EngineConfig:
+    """The generation engine: batching and threads."""
+
+    max_batch_size: int = 32        # sequences decoded together in one step
+    max_waiting_requests: int = 256  # queued beyond this get 429
+    threads: int = 0                # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class AdaptersConfig:
+    """The adapter store."""
+
+    dir: str = "adapters"
+    load_at_startup: bool = True    # register every valid folder found in `dir`
+    max_lora_rank: int = 64
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def path(self, value: str) -> Path:
+        """Resolve a configured path against the config file's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def api_keys(self) -> list[str]:
+        keys = list(self.server.api_keys)
+        if self.server.api_keys_file:
+            keys += _read_secret_lines(self.path(self.server.api_keys_file), "server.api_keys_file")
+        return [k for k in keys if k]
+
+    def admin_token(self) -> str:
+        if self.server.admin_token:
+            return self.server.admin_token
+        if self.server.admin_token_file:
+            lines = _read_secret_lines(self.path(self.server.admin_token_file), "server.admin_token_file")
+            return lines[0] if lines else ""
+        return ""
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "base_dir"}
+_CHOICES = {
+    ("model", "dtype"): {"auto", "float32", "bfloat16", "float16"},
+    ("model", "quantization"): {"none", "nf4", "fp4", "int8"},
+    ("model", "attn_implementation"): {"sdpa", "eager", "flash_attention_2"},
+    ("server", "log_level"): {"debug", "info", "warning", "error"},
+}
+
+
+def _read_secret_lines(path: Path, key: str) -> list[str]:
+    try:
+        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Turn a TOML or environment value into the field's type, or say why not."""
+    origin = typing.get_origin(typ)
+    if origin is list or typ is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    if section not in _SECTIONS:
+        raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(sorted(_SECTIONS))})")
+    obj = getattr(cfg, section)
+    types_ = _section_types(type(obj))
+    if key not in types_:
+        raise ConfigError(f"{source}: unknown key {section}.{key} (known: {', '.join(sorted(types_))})")
+    name = f"{section}.{key}"
+    coerced = _coerce(name, value, types_[key])
+    choices = _CHOICES.get((section, key))
+    if choices and coerced not in choices:
+        raise ConfigError(f"{name}: {coerced!r} is not one of {sorted(choices)}")
+    setattr(obj, key, coerced)
+
+
+def _validate(cfg: Config) -> None:
+    positive = [
+        ("server.port", cfg.server.port), ("server.max_body_bytes", cfg.server.max_body_bytes),
+        ("server.max_tokens", cfg.server.max_tokens), ("server.default_max_tokens", cfg.server.default_max_tokens),
+        ("server.max_n", cfg.server.max_n), ("server.max_prompts", cfg.server.max_prompts),
+        ("engine.max_batch_size", cfg.engine.max_batch_size),
+        ("engine.max_waiting_requests", cfg.engine.max_waiting_requests),
+        ("adapters.max_lora_rank", cfg.adapters.max_lora_rank),
+    ]
+    for name, v in positive:
+        if v <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {v}")
+    for name, v in [("server.max_prompt_tokens", cfg.server.max_prompt_tokens),
+                    ("engine.threads", cfg.engine.threads),
+                    ("model.context_length", cfg.model.context_length),
+                    ("server.max_top_logprobs", cfg.server.max_top_logprobs)]:
+        if v < 0:
+            raise ConfigError(f"{name}: must be >= 0, got {v}")
+    if not 0 < cfg.server.port < 65536:
+        raise ConfigError(f"server.port: must be 1..65535, got {cfg.server.port}")
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config: defaults < TOML file < environment < overrides.
+
+    `overrides` maps "section.key" to a value (the CLI's flags); None values are skipped.
+    """
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+        cfg.base_dir = p.resolve().parent
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{p}: top-level key {section!r} must be a [section]")
+            for key, value in table.items():
+                _apply(cfg, section, key, value, str(p))
+    for name, value in (environ or {}).items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        _apply(cfg, section, key, value, f"environment {name}")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        _apply(cfg, section, key, value, f"flag for {dotted}")
+    _validate(cfg)
+    return cfg
+

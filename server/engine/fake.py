@@ -1,0 +1,149 @@
+"""A deterministic engine for tests: no model, no threads, exact output.
+
+Owns: `ByteTokenizer` (one token per UTF-8 byte, plus an end-of-sequence id)
+and `FakeEngine`, which implements the `Engine` protocol on the event loop.
+Each request "generates" the bytes of a scripted reply, one token per step,
+through the same `Sequence` rules as the real engine, so max_tokens, stop
+strings, min_tokens, ignore_eos and logprobs behave as they will in
+production. API, streaming and admin tests run on it in milliseconds.
+
+The default reply names the adapter and echoes the end of the prompt:
+``"[{adapter or 'base'}] {last 24 characters of the prompt}"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence as Seq
+
+from ..errors import NotReady, Overloaded
+from ..lora.weights import AdapterInfo, read_adapter
+from .sequence import Sequence
+from .types import GenerationEvent, GenerationRequest, TokenLogprob
+
+EOS = 256
+
+
+class ByteTokenizer:
+    """Token i < 256 is byte i; 256 is end-of-sequence."""
+
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = "".join(f"<{m['role']}>{m.get('content') or ''}\n" for m in messages) + "<assistant>"
+        return self.encode(text)
+
+    def decode(self, ids: Seq[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_text(self, token_id: int) -> str:
+        return "</s>" if token_id == EOS else self.decode([token_id])
+
+
+def default_script(request: GenerationRequest, prompt: str) -> str:
+    return f"[{request.adapter or 'base'}] {prompt[-24:]}"
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        model_id: str = "fake-model",
+        *,
+        script: Callable[[GenerationRequest, str], str] = default_script,
+        token_delay: float = 0.0,
+        context_length: int = 512,
+        max_waiting_requests: int = 64,
+        max_lora_rank: int = 64,
+    ):
+        self.model_id = model_id
+        self.script = script
+        self.token_delay = token_delay
+        self._context = context_length
+        self.max_waiting = max_waiting_requests
+        self.max_lora_rank = max_lora_rank
+        self._tok = ByteTokenizer()
+        self._ready = False
+        self.adapters: dict[str, AdapterInfo] = {}
+        self.submitted: list[GenerationRequest] = []   # every request, for tests to inspect
+        self.aborted: set[str] = set()
+        self.running: set[str] = set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def tokenizer(self) -> ByteTokenizer:
+        return self._tok
+
+    @property
+    def context_length(self) -> int:
+        return self._context
+
+    def start(self) -> None:
+        self._ready = True
+
+    async def wait_ready(self) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        self._ready = False
+
+    def submit(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if not self._ready:
+            raise NotReady("the engine is not serving", code="not_ready")
+        if len(self.running) >= self.max_waiting:
+            raise Overloaded(f"{len(self.running)} requests running; retry later", retry_after=1, code="queue_full")
+        self.submitted.append(request)
+        self.running.add(request.request_id)
+        return self._generate(request)
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self.running:
+            self.aborted.add(request_id)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        seq = Sequence(request, self._tok, [EOS])
+        reply = self._tok.encode(self.script(request, self._tok.decode(request.prompt_ids)))
+        done = False
+        try:
+            step = 0
+            while True:
+                if request.request_id in self.aborted:
+                    return
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                else:
+                    await asyncio.sleep(0)
+                # After the reply comes EOS; with ignore_eos (or before min_tokens) the reply repeats.
+                cycle = len(reply) + 1
+                tok = reply[step % cycle] if step % cycle < len(reply) else EOS
+                if tok == EOS and (request.params.ignore_eos or step < request.params.min_tokens):
+                    tok = reply[0] if reply else ord(" ")
+                step += 1
+                lp = None
+                if request.params.logprobs is not None:
+                    top = tuple((t, self._tok.token_text(t), -0.25 * (k + 1))
+                                for k, t in enumerate([tok, EOS][: request.params.logprobs]))
+                    lp = TokenLogprob(tok, self._tok.token_text(tok), -0.25, top)
+                ev = seq.append(tok, lp)
+                yield ev
+                if seq.finished:
+                    done = True
+                    return
+        finally:
+            if not done:
+                self.aborted.add(request.request_id)
+            self.running.discard(request.request_id)
+
+    async def load_adapter(self, name: str, path: Path) -> AdapterInfo:
+        info = read_adapter(path, max_rank=self.max_lora_rank).info
+        self.adapters[name] = info
+        return info
+
+    async def unload_adapter(self, name: str) -> None:
+        self.adapters.pop(name, None)

@@ -1,0 +1,283 @@
+"""The real engine: one thread that owns the model and every torch call.
+
+Owns: the waiting queue, admission of waiting requests into a batch, the
+decode loop (sample → append → emit → drop finished rows → next step), aborts,
+and adapter commands run between steps. Tokens go back to each request's
+asyncio queue through `loop.call_soon_threadsafe`, so the event loop never
+waits on torch.
+
+Why one thread: after the main thread has run a parallel torch op, forwards on
+another thread ran 1.5x slower here (facts.md); so the engine thread loads the
+model itself and does all torch work, adapter reads included.
+
+Scheduling in this version is static batching: up to `max_batch_size` waiting
+requests (FCFS, any mix of adapters) start together, rows leave as they
+finish, and new requests wait for the batch to end. The continuous-batching
+issue replaces `_run_batch` with a step-level scheduler behind the same seam.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import torch
+
+from ..config import EngineConfig, ModelConfig
+from ..errors import LoraplexError, NotFound, NotReady, Overloaded
+from ..lora.weights import AdapterInfo, read_adapter
+from ..model import LoadedModel, load_model
+from .runner import ModelRunner
+from .sampling import RowState, make_generator, sample
+from .sequence import Sequence
+from .tokens import HFPromptTokenizer
+from .types import GenerationEvent, GenerationRequest
+
+log = logging.getLogger("loraplex.engine")
+
+
+@dataclass
+class _Pending:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class TorchEngine:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        engine_cfg: EngineConfig,
+        *,
+        cache_dir: Path,
+        max_lora_rank: int = 64,
+        loader: Callable[[ModelConfig, Path], LoadedModel] = load_model,
+    ):
+        self.model_cfg, self.cfg = model_cfg, engine_cfg
+        self.cache_dir = cache_dir
+        self.max_lora_rank = max_lora_rank
+        self._loader = loader
+        self.model_id = model_cfg.id
+        # _lock guards _waiting, _active, _aborted and _commands, which the event
+        # loop's thread writes (submit, abort, adapter calls) while the engine
+        # thread reads and pops them between steps.
+        self._lock = threading.Lock()
+        self._waiting: deque[_Pending] = deque()
+        self._active: set[str] = set()
+        self._aborted: set[str] = set()
+        self._commands: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
+        self._wakeup = threading.Event()
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._runner: ModelRunner | None = None
+        self._prompt_tok: HFPromptTokenizer | None = None
+        self._decoder: HFPromptTokenizer | None = None
+        self._context = 0
+        self._eos: list[int] = []
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return (self._loaded.is_set() and self._load_error is None and not self._stopping
+                and self._thread is not None and self._thread.is_alive())
+
+    async def wait_ready(self) -> None:
+        await asyncio.to_thread(self._loaded.wait)
+        if self._load_error is not None:
+            raise self._load_error
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def tokenizer(self) -> HFPromptTokenizer:
+        if self._prompt_tok is None:
+            raise NotReady("the model is still loading", code="not_ready")
+        return self._prompt_tok
+
+    @property
+    def context_length(self) -> int:
+        return self._context
+
+    # -- requests ------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if not self.ready:
+            raise NotReady("the engine is not serving (loading or shutting down)", code="not_ready")
+        pending = _Pending(request, asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if len(self._waiting) >= self.cfg.max_waiting_requests:
+                raise Overloaded(f"{len(self._waiting)} requests are waiting (engine.max_waiting_requests="
+                                 f"{self.cfg.max_waiting_requests}); retry later", retry_after=1, code="queue_full")
+            self._waiting.append(pending)
+            self._active.add(request.request_id)
+        self._wakeup.set()
+        return self._events(request.request_id, pending.queue)
+
+    async def _events(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[GenerationEvent]:
+        done = False
+        try:
+            while True:
+                ev: GenerationEvent = await queue.get()
+                if ev.error is not None:
+                    done = True
+                    raise ev.error
+                yield ev
+                if ev.finish_reason is not None:
+                    done = True
+                    return
+        finally:
+            if not done:  # the consumer left early: the client is gone
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._active:
+                self._aborted.add(request_id)
+
+    # -- adapters (run on the engine thread, between steps) ----------------------
+    async def load_adapter(self, name: str, path: Path) -> AdapterInfo:
+        def work() -> AdapterInfo:
+            files = read_adapter(path, max_rank=self.max_lora_rank)
+            self._runner.add_adapter(name, files)
+            return files.info
+        return await self._command(work)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._command(lambda: self._runner.remove_adapter(name))
+
+    async def _command(self, fn: Callable[[], object]):
+        if not self.ready:
+            raise NotReady("the engine is not serving (loading or shutting down)", code="not_ready")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._commands.append((fn, fut))
+        self._wakeup.set()
+        return await asyncio.wrap_future(fut)
+
+    def _run_commands(self) -> None:
+        while True:
+            with self._lock:
+                if not self._commands:
+                    return
+                fn, fut = self._commands.popleft()
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed to the caller, never kills the loop
+                fut.set_exception(e)
+
+    # -- the engine thread -----------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            if self.cfg.threads:
+                torch.set_num_threads(self.cfg.threads)
+            loaded = self._loader(self.model_cfg, self.cache_dir)
+            self._runner = ModelRunner(loaded)
+            self._prompt_tok = HFPromptTokenizer(loaded.tokenizer)
+            self._decoder = self._prompt_tok.clone()
+            self._context, self._eos, self.model_id = loaded.context_length, loaded.eos_token_ids, loaded.model_id
+        except BaseException as e:
+            log.exception("model load failed")
+            self._load_error = e
+            self._loaded.set()
+            return
+        self._loaded.set()
+        log.info("engine ready: %s, max_batch_size=%d", self.model_id, self.cfg.max_batch_size)
+        while not self._stopping:
+            self._run_commands()
+            batch = self._take(self.cfg.max_batch_size)
+            if batch:
+                self._run_batch(batch)
+            else:
+                self._wakeup.wait(0.5)
+                self._wakeup.clear()
+        self._fail_waiting(NotReady("the server is shutting down", code="shutting_down"))
+
+    def _take(self, limit: int) -> list[_Pending]:
+        with self._lock:
+            out = []
+            while self._waiting and len(out) < limit:
+                p = self._waiting.popleft()
+                if p.request.request_id in self._aborted:
+                    self._finish(p.request.request_id)
+                    continue
+                out.append(p)
+            return out
+
+    def _finish(self, request_id: str) -> None:
+        """Forget a request; call with _lock held."""
+        self._active.discard(request_id)
+        self._aborted.discard(request_id)
+
+    def _emit(self, p: _Pending, ev: GenerationEvent) -> None:
+        try:
+            p.loop.call_soon_threadsafe(p.queue.put_nowait, ev)
+        except RuntimeError:  # the event loop is closed: nobody is listening
+            pass
+
+    def _fail(self, items: list[_Pending], err: Exception) -> None:
+        with self._lock:
+            for p in items:
+                self._finish(p.request.request_id)
+        for p in items:
+            self._emit(p, GenerationEvent(p.request.request_id, error=err))
+
+    def _fail_waiting(self, err: Exception) -> None:
+        with self._lock:
+            items = list(self._waiting)
+            self._waiting.clear()
+        self._fail(items, err)
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        runner = self._runner
+        unknown = [p for p in batch if p.request.adapter is not None and p.request.adapter not in runner.adapters]
+        if unknown:
+            for p in unknown:
+                self._fail([p], NotFound(f"adapter {p.request.adapter!r} is not loaded", code="model_not_found"))
+            batch = [p for p in batch if p not in unknown]
+            if not batch:
+                return
+        seqs = [Sequence(p.request, self._decoder, self._eos) for p in batch]
+        rows = [RowState(p.request.params, p.request.prompt_ids, s.output_ids, frozenset(s.stop_ids),
+                         make_generator(p.request.params.seed, runner.device)) for p, s in zip(batch, seqs)]
+        try:
+            state, logits = runner.prefill([p.request.prompt_ids for p in batch], [p.request.adapter for p in batch])
+            while batch:
+                picks = sample(logits, rows, self._decoder.token_text)
+                keep: list[int] = []
+                with self._lock:
+                    aborted = {p.request.request_id for p in batch if p.request.request_id in self._aborted}
+                for i, (p, seq, (tok, lp)) in enumerate(zip(batch, seqs, picks)):
+                    if p.request.request_id in aborted:
+                        continue
+                    self._emit(p, seq.append(tok, lp))
+                    if not seq.finished:
+                        keep.append(i)
+                with self._lock:
+                    for i, p in enumerate(batch):
+                        if i not in keep:
+                            self._finish(p.request.request_id)
+                if len(keep) < len(batch):
+                    batch, seqs, rows = [batch[i] for i in keep], [seqs[i] for i in keep], [rows[i] for i in keep]
+                    if not batch:
+                        break
+                    runner.keep(state, keep)
+                self._run_commands()
+                logits = runner.decode(state, [s.output_ids[-1] for s in seqs])
+        except Exception as e:
+            log.exception("engine step failed; failing %d requests", len(batch))
+            self._fail(batch, LoraplexError(f"engine error: {type(e).__name__}: {e}", code="engine_error"))

@@ -1,0 +1,70 @@
+"""The one seam between the HTTP layer and generation.
+
+Owns: the `Engine` and `PromptTokenizer` protocols. The API and the registry
+depend on these and nothing else of the engine; `TorchEngine` (real model)
+and `FakeEngine` (deterministic, for tests) implement them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
+
+from .types import GenerationEvent, GenerationRequest
+
+
+@runtime_checkable
+class PromptTokenizer(Protocol):
+    """What the API needs to turn a request into token ids before submitting."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Render messages with the model's own template, generation prompt added."""
+        ...
+
+
+class Engine(Protocol):
+    model_id: str
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and the engine loop runs."""
+        ...
+
+    @property
+    def tokenizer(self) -> PromptTokenizer:
+        """Raises NotReady before the model is loaded."""
+        ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    def start(self) -> None:
+        """Begin loading the model in the background; returns at once."""
+        ...
+
+    async def wait_ready(self) -> None:
+        """Return once ready; raise the load error if loading failed."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Submit a request; yield its events as tokens are produced.
+
+        Leaving the iterator early (client gone) aborts the request. Raises
+        Overloaded when the waiting queue is full, NotReady when not serving.
+        """
+        ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        """Load a validated PEFT folder into the model under `name`."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    def shutdown(self) -> None: ...

@@ -1,0 +1,146 @@
+"""Tensors on the engine thread: adapters attached to the model, batched forwards.
+
+Owns: the model object (the base, wrapped in a PEFT model once the first
+adapter arrives), attaching and detaching adapters, and the two forwards of a
+batch: `prefill` (left-padded prompts, one pass) and `decode` (one token per
+row), with a `DynamicCache` and rows that can leave (`keep`).
+
+Each row names its adapter; PEFT's mixed-batch path (`adapter_names=`, with
+"__base__" for the base model) runs rows of different adapters in one forward.
+That path loops over the adapters present in the batch (facts.md: it costs
+throughput); the continuous-batching issue replaces it with a batched LoRA
+layer behind the same methods.
+
+It knows nothing of requests, text or HTTP: rows are token ids and adapter names.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidAdapter
+from ..lora.weights import AdapterFiles
+from ..model import LoadedModel
+
+log = logging.getLogger("loraplex.runner")
+
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+@dataclass
+class BatchState:
+    """The tensors of a running batch. Shapes: B rows, L cached positions."""
+
+    cache: object                   # transformers DynamicCache
+    attention_mask: torch.Tensor    # (B, L) long, 0 on left padding
+    next_position: torch.Tensor     # (B, 1) long, position id of the next token
+    adapters: list[str]             # (B,) adapter name per row, BASE for none
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.device = loaded.device
+        self.base = loaded.model
+        self.peft = None            # peft.PeftModel once an adapter is attached
+        self.adapters: set[str] = set()
+
+    @property
+    def model(self):
+        return self.peft if self.peft is not None else self.base
+
+    # -- adapters --------------------------------------------------------------
+    def add_adapter(self, name: str, files: AdapterFiles) -> None:
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        try:
+            if self.peft is None:
+                self.peft = get_peft_model(self.base, files.config, adapter_name=name)
+            else:
+                self.peft.add_adapter(name, files.config)
+        except ValueError as e:  # PEFT: target modules not found in the base model
+            raise InvalidAdapter(f"adapter {name!r} does not fit this base model: {e}", code="wrong_base") from None
+        try:
+            result = set_peft_model_state_dict(self.peft, files.tensors, adapter_name=name)
+            unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+            if unexpected:
+                raise InvalidAdapter(
+                    f"adapter {name!r}: {len(unexpected)} tensors match no layer of the base model "
+                    f"(first: {unexpected[0]})", code="wrong_base")
+        except RuntimeError as e:  # shape mismatch in load_state_dict
+            self._drop(name)
+            raise InvalidAdapter(f"adapter {name!r} does not fit this base model: {e}", code="wrong_base") from None
+        except InvalidAdapter:
+            self._drop(name)
+            raise
+        self.peft.to(self.device)
+        self.peft.eval()
+        self.adapters.add(name)
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.adapters:
+            self._drop(name)
+            self.adapters.discard(name)
+
+    def _drop(self, name: str) -> None:
+        if self.peft is not None and name in self.peft.peft_config:
+            self.peft.delete_adapter(name)
+
+    # -- forwards ------------------------------------------------------------
+    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str]) -> torch.Tensor:
+        kwargs = {}
+        if self.peft is not None:
+            kwargs["adapter_names"] = adapters
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        return out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], adapters: list[str | None]) -> tuple[BatchState, torch.Tensor]:
+        """Run left-padded prompts; return the batch state and (B, V) next-token logits."""
+        from transformers import DynamicCache
+
+        names = [a if a is not None else BASE for a in adapters]
+        missing = {a for a in names if a != BASE and a not in self.adapters}
+        if missing:
+            raise InvalidAdapter(f"adapter(s) not loaded: {sorted(missing)}", code="adapter_not_loaded")
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, names)
+        state = BatchState(cache, mask, positions[:, -1:] + 1, names)
+        return state, logits
+
+    @torch.inference_mode()
+    def decode(self, state: BatchState, tokens: list[int]) -> torch.Tensor:
+        """Feed one token per row; return (B, V) next-token logits."""
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+        ones = torch.ones((len(tokens), 1), dtype=state.attention_mask.dtype, device=self.device)
+        state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
+        logits = self._forward(ids, state.attention_mask, state.next_position, state.cache, state.adapters)
+        state.next_position = state.next_position + 1
+        return logits
+
+    def keep(self, state: BatchState, rows: list[int]) -> None:
+        """Drop every row not listed; the kept rows' caches stay exact."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        state.cache.batch_select_indices(idx)
+        state.attention_mask = state.attention_mask[idx]
+        state.next_position = state.next_position[idx]
+        state.adapters = [state.adapters[i] for i in rows]

@@ -1,0 +1,45 @@
+"""A transformers tokenizer behind the `PromptTokenizer` protocol.
+
+Owns: prompt encoding, chat rendering with the model's own template, and the
+text of single tokens for logprobs. A template that refuses the messages (some
+raise on roles out of order) becomes an InvalidRequest, not a 500.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+from ..errors import InvalidRequest
+
+
+class HFPromptTokenizer:
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+
+    def clone(self) -> "HFPromptTokenizer":
+        """A private copy: the engine thread decodes while API threads encode,
+        and a Rust tokenizer shared across threads can fail with 'Already borrowed'."""
+        return HFPromptTokenizer(copy.deepcopy(self.tok))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=True))
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not getattr(self.tok, "chat_template", None):
+            raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
+        try:
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja2 TemplateError and friends: the messages broke the template
+            raise InvalidRequest(f"the chat template refused these messages: {e}", param="messages") from None
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tok.decode([token_id], skip_special_tokens=False)

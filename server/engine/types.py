@@ -1,0 +1,67 @@
+"""Plain engine-side types: what a request asks for and what comes back.
+
+Owns: `SamplingParams`, `GenerationRequest`, `TokenLogprob`, `GenerationEvent`.
+These are the only shapes that cross the seam between the API and an engine.
+They know nothing of HTTP or of the OpenAI wire format; the API layer
+converts its pydantic models into them once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0        # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                  # 0 = off
+    seed: int | None = None         # same seed, same output
+    stop: tuple[str, ...] = ()      # stop strings; the stop text is not returned
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0             # end-of-sequence is suppressed before this many tokens
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0  # HF style: >1 discourages tokens already seen
+    presence_penalty: float = 0.0   # OpenAI style, on generated tokens
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None     # None = off; k = the chosen token plus the top k
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None      # None = the base model
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str                      # the token's own text
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (id, text, logprob), best first
+
+
+@dataclass
+class GenerationEvent:
+    """One step's worth of output for one request.
+
+    `text` is the new text since the last event (it may be empty while the
+    detokenizer holds back a possible stop string or an incomplete character).
+    The last event of a request has `finish_reason` set ("stop" or "length").
+    """
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Exception | None = None  # set when the engine failed this request

@@ -1,0 +1,108 @@
+"""Reading and checking a PEFT LoRA folder before any weight touches the model.
+
+Owns: the rules for what an adapter folder may contain (safetensors only;
+never a pickle, so never `.bin`, `.pt`, `.pth`, `.pkl`, `.ckpt`), parsing its
+`adapter_config.json` into a `LoraConfig`, the rank cap, finite weights, and
+its identity (sha256 over config and weights, size on disk).
+
+It does not know the base model; matching target modules and shapes against
+the base is the runner's job when it attaches the adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidAdapter
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What is known about an adapter once read; holds no tensors."""
+
+    folder: Path
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    info: AdapterInfo
+    config: Any                     # peft.LoraConfig
+    tensors: dict[str, Any]         # name -> torch.Tensor, on CPU
+
+
+def _hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def read_adapter(folder: Path, *, max_rank: int) -> AdapterFiles:
+    """Validate and read a PEFT LoRA folder. Raises InvalidAdapter with the reason."""
+    from peft import LoraConfig
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    import torch
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidAdapter(f"{folder} is not a folder", code="adapter_not_found")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise InvalidAdapter(f"{folder} holds pickle files ({', '.join(pickles)}); only safetensors are loaded",
+                             code="pickle_refused")
+    cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not cfg_path.is_file():
+        raise InvalidAdapter(f"{folder} has no {CONFIG_FILE}", code="missing_config")
+    if not w_path.is_file():
+        raise InvalidAdapter(f"{folder} has no {WEIGHTS_FILE}", code="missing_weights")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidAdapter(f"{cfg_path}: not valid JSON ({e})", code="invalid_config") from None
+    if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
+        raise InvalidAdapter(f"{cfg_path}: peft_type must be LORA, got {raw.get('peft_type') if isinstance(raw, dict) else raw!r}",
+                             code="invalid_config")
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+    except Exception as e:  # PEFT raises TypeError/ValueError for bad fields
+        raise InvalidAdapter(f"{cfg_path}: not a valid LoRA config ({e})", code="invalid_config") from None
+    if not isinstance(config.r, int) or config.r <= 0:
+        raise InvalidAdapter(f"{cfg_path}: rank r must be a positive integer, got {config.r!r}", code="invalid_config")
+    if config.r > max_rank:
+        raise InvalidAdapter(f"rank {config.r} exceeds max_lora_rank {max_rank}", code="rank_too_high")
+    try:
+        tensors = load_file(str(w_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InvalidAdapter(f"{w_path}: unreadable safetensors ({e})", code="invalid_weights") from None
+    if not tensors:
+        raise InvalidAdapter(f"{w_path}: holds no tensors", code="invalid_weights")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InvalidAdapter(f"{w_path}: tensor {name} holds NaN or Inf", code="non_finite_weights")
+    targets = config.target_modules
+    target_tuple = (targets,) if isinstance(targets, str) else tuple(sorted(targets or ()))
+    info = AdapterInfo(
+        folder=folder.resolve(),
+        rank=config.r,
+        alpha=float(config.lora_alpha),
+        target_modules=target_tuple,
+        sha256=_hash_files([cfg_path, w_path]),
+        size_bytes=cfg_path.stat().st_size + w_path.stat().st_size,
+    )
+    return AdapterFiles(info=info, config=config, tensors=tensors)

@@ -1,0 +1,80 @@
+"""A client that goes away stops its generation (real uvicorn, FakeEngine)."""
+
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from server.app import create_app
+from server.config import load_config
+from server.engine.fake import FakeEngine
+from tests.helpers import free_port
+
+
+@pytest.fixture
+def live(tmp_path):
+    engine = FakeEngine(token_delay=0.02)
+    app = create_app(load_config(environ={"LORAPLEX_ADAPTERS__DIR": str(tmp_path)}), engine=engine)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield url, engine
+    server.should_exit = True
+    thread.join(10)
+
+
+def wait_for(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+PAYLOAD = {"model": "fake-model", "prompt": "x", "max_tokens": 400, "ignore_eos": True}
+
+
+def test_stream_disconnect_aborts(live):
+    url, engine = live
+    with httpx.stream("POST", url + "/v1/completions", json={**PAYLOAD, "stream": True}) as r:
+        assert r.status_code == 200
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 4:
+                break
+    assert wait_for(lambda: not engine.running), "generation kept running after the client left"
+    assert len(engine.aborted) == 1
+
+
+def test_non_stream_disconnect_aborts(live):
+    url, engine = live
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=PAYLOAD, timeout=0.5)
+    assert wait_for(lambda: not engine.running), "generation kept running after the client left"
+    assert len(engine.aborted) == 1
+    # and the server still answers
+    r = httpx.post(url + "/v1/completions", json={"model": "fake-model", "prompt": "ok", "max_tokens": 20})
+    assert r.json()["choices"][0]["text"] == "[base] ok"
+
+
+def test_stream_n_disconnect_aborts_every_choice(live):
+    url, engine = live
+    with httpx.stream("POST", url + "/v1/chat/completions",
+                      json={**{k: v for k, v in PAYLOAD.items() if k != "prompt"}, "n": 3, "stream": True,
+                            "messages": [{"role": "user", "content": "x"}]}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 8:
+                break
+    assert wait_for(lambda: not engine.running)
+    assert len(engine.aborted) == 3

@@ -1,0 +1,88 @@
+"""The per-row sampler: each row's own settings, seeds independent of the batch."""
+
+import math
+
+import torch
+
+from server.engine.sampling import RowState, make_generator, sample
+from server.engine.types import SamplingParams
+
+
+def row(**kw):
+    seed = kw.pop("seed", None)
+    p = SamplingParams(max_tokens=10, seed=seed, **kw)
+    return RowState(p, prompt_ids=kw.get("prompt_ids", [0]), generator=make_generator(seed, torch.device("cpu")))
+
+
+def test_greedy_is_argmax_per_row():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]])
+    out = sample(logits, [row(temperature=0.0), row(temperature=0.0)])
+    assert [t for t, _ in out] == [1, 0]
+
+
+def test_top_k_1_is_greedy_even_when_sampling():
+    logits = torch.randn(4, 50)
+    out = sample(logits, [row(temperature=1.0, top_k=1) for _ in range(4)])
+    assert [t for t, _ in out] == logits.argmax(-1).tolist()
+
+
+def test_top_p_keeps_only_the_nucleus():
+    # probs ~ [0.6, 0.3, 0.1]: top_p=0.5 keeps only token 0; 0.8 keeps 0 and 1.
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    seen = {sample(logits, [row(temperature=1.0, top_p=0.5)])[0][0] for _ in range(50)}
+    assert seen == {0}
+    seen = {sample(logits, [row(temperature=1.0, top_p=0.8)])[0][0] for _ in range(200)}
+    assert seen == {0, 1}
+
+
+def test_seed_reproducible_and_independent_of_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1000)
+    alone = [sample(logits[1:2], [r])[0][0] for r in [row(temperature=1.0, seed=42)]]
+    r = row(temperature=1.0, seed=42)
+    in_batch = sample(logits, [row(temperature=1.0), r, row(temperature=0.0)])[1][0]
+    assert alone[0] == in_batch
+    a = [sample(logits[1:2], [row(temperature=1.0, seed=7)])[0][0] for _ in range(3)]
+    assert len(set(a)) == 1
+
+
+def test_different_seeds_differ():
+    logits = torch.zeros(1, 10000)  # uniform: two seeds agreeing on 5 draws is ~impossible
+    draws = lambda s: [sample(logits, [rr])[0][0] for rr in [row(temperature=1.0, seed=s)]]  # noqa: E731
+    r1, r2 = row(temperature=1.0, seed=1), row(temperature=1.0, seed=2)
+    seq1 = [sample(logits, [r1])[0][0] for _ in range(5)]
+    seq2 = [sample(logits, [r2])[0][0] for _ in range(5)]
+    assert seq1 != seq2
+    assert draws(1) == draws(1)
+
+
+def test_min_tokens_masks_stop_ids():
+    logits = torch.tensor([[0.0, 10.0, 1.0]])
+    r = row(temperature=0.0, min_tokens=2)
+    r.stop_ids = frozenset({1})
+    assert sample(logits, [r])[0][0] == 2
+    r.output_ids = [2, 2]
+    assert sample(logits, [r])[0][0] == 1
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    r = RowState(SamplingParams(max_tokens=5, temperature=0.0, repetition_penalty=1.5), prompt_ids=[0])
+    assert sample(logits, [r])[0][0] == 1
+
+
+def test_frequency_penalty_counts_outputs():
+    logits = torch.tensor([[2.0, 1.5]])
+    r = RowState(SamplingParams(max_tokens=5, temperature=0.0, frequency_penalty=0.3), prompt_ids=[],
+                 output_ids=[0, 0])
+    assert sample(logits, [r])[0][0] == 1
+
+
+def test_logprobs_are_raw_log_softmax_with_top_k():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    [(tok, lp)] = sample(logits, [row(temperature=0.0, logprobs=2)], token_text=lambda t: f"<{t}>")
+    ref = torch.log_softmax(logits, -1)[0]
+    assert tok == 2 and lp.token == "<2>"
+    assert math.isclose(lp.logprob, float(ref[2]), rel_tol=1e-6)
+    assert [t for t, _, _ in lp.top] == [2, 1]
+    assert sample(logits, [row(temperature=0.0)])[0][1] is None

@@ -1,0 +1,161 @@
+"""The real engine on a tiny random Llama: greedy equals transformers/PEFT, stops, seeds, aborts."""
+
+import asyncio
+
+import pytest
+import torch
+
+from server.config import load_config
+from server.engine.loop import TorchEngine
+from server.engine.types import GenerationRequest, SamplingParams
+
+PROMPTS = ["hello world", "the quick brown fox", "what is the capital of France?"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tiny_store, tmp_path_factory):
+    cfg = load_config(overrides={"model.model": str(tiny_model_dir), "model.dtype": "float32"})
+    eng = TorchEngine(cfg.model, cfg.engine, cache_dir=tmp_path_factory.mktemp("cache"))
+    eng.start()
+
+    async def setup():
+        await eng.wait_ready()
+        for name in ("alpha", "beta"):
+            await eng.load_adapter(name, tiny_store / name)
+    asyncio.run(setup())
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tiny_store):
+    """transformers + PEFT on their own: the oracle."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    base.generation_config.eos_token_id = None  # compare fixed-length runs
+    peft = PeftModel.from_pretrained(base, tiny_store / "alpha", adapter_name="alpha")
+    peft.load_adapter(tiny_store / "beta", adapter_name="beta")
+    peft.eval()
+
+    def generate(prompt_ids, adapter, n):
+        ids = torch.tensor([prompt_ids])
+        with torch.no_grad():
+            if adapter is None:
+                with peft.disable_adapter():
+                    out = peft.generate(input_ids=ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+            else:
+                peft.set_adapter(adapter)
+                out = peft.generate(input_ids=ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out[0, len(prompt_ids):].tolist()
+    return generate
+
+
+def run(engine, *requests):
+    async def one(req):
+        events = [ev async for ev in engine.submit(req)]
+        return {"text": "".join(e.text for e in events), "ids": [t for e in events for t in e.token_ids],
+                "finish": events[-1].finish_reason, "logprobs": [lp for e in events for lp in e.logprobs]}
+
+    async def main():
+        return await asyncio.gather(*(one(r) for r in requests))
+    return asyncio.run(main())
+
+
+def req(engine, rid, prompt, adapter=None, **params):
+    params = {"max_tokens": 12, "temperature": 0.0, **params}
+    return GenerationRequest(rid, engine.tokenizer.encode(prompt), SamplingParams(**params), adapter)
+
+
+@pytest.mark.parametrize("adapter", [None, "alpha", "beta"])
+def test_greedy_equals_reference_generate(engine, reference, adapter):
+    for i, prompt in enumerate(PROMPTS):
+        r = req(engine, f"g-{adapter}-{i}", prompt, adapter, ignore_eos=True)
+        [out] = run(engine, r)
+        assert out["ids"] == reference(r.prompt_ids, adapter, 12), (prompt, adapter)
+        assert out["finish"] == "length"
+
+
+def test_adapters_change_the_output(engine):
+    outs = run(engine, *(req(engine, f"c-{a}", PROMPTS[0], a, ignore_eos=True) for a in (None, "alpha", "beta")))
+    assert len({tuple(o["ids"]) for o in outs}) == 3
+
+
+def test_mixed_batch_equals_solo_runs(engine):
+    combos = [(p, a) for p in PROMPTS for a in (None, "alpha", "beta")]
+    solo = [run(engine, req(engine, f"s-{i}", p, a, ignore_eos=True))[0]["ids"] for i, (p, a) in enumerate(combos)]
+    mixed = run(engine, *(req(engine, f"m-{i}", p, a, ignore_eos=True, max_tokens=12 - i % 4)
+                          for i, (p, a) in enumerate(combos)))
+    for i, (s, m) in enumerate(zip(solo, mixed)):
+        assert m["ids"] == s[: 12 - i % 4], combos[i]
+
+
+def test_greedy_is_deterministic(engine):
+    a, b = run(engine, req(engine, "d1", PROMPTS[1]), req(engine, "d2", PROMPTS[1]))
+    assert a["ids"] == b["ids"] and a["text"] == b["text"]
+
+
+def test_max_tokens(engine):
+    [out] = run(engine, req(engine, "mt", PROMPTS[0], max_tokens=5, ignore_eos=True))
+    assert len(out["ids"]) == 5 and out["finish"] == "length"
+
+
+def test_stop_string_cuts_and_is_not_returned(engine):
+    [full] = run(engine, req(engine, "full", PROMPTS[2], max_tokens=20, ignore_eos=True))
+    text = full["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip(), f"pick a visible stop from {text!r}"
+    [cut] = run(engine, req(engine, "cut", PROMPTS[2], max_tokens=20, ignore_eos=True, stop=(stop,)))
+    assert cut["finish"] == "stop"
+    assert cut["text"] == text[: text.index(stop)]
+
+
+def test_seed_gives_same_sample(engine):
+    outs = run(engine, *(req(engine, f"s{i}", PROMPTS[0], temperature=1.5, seed=s, max_tokens=16, ignore_eos=True)
+                         for i, s in enumerate([5, 5, 6])))
+    assert outs[0]["ids"] == outs[1]["ids"]
+    assert outs[0]["ids"] != outs[2]["ids"]
+
+
+def test_logprobs_match_the_model(engine, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    r = req(engine, "lp", PROMPTS[0], max_tokens=1, logprobs=3)
+    [out] = run(engine, r)
+    [lp] = out["logprobs"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([r.prompt_ids])).logits[0, -1].log_softmax(-1)
+    assert lp.token_id == int(ref.argmax())
+    assert abs(lp.logprob - float(ref.max())) < 1e-4
+    assert [t for t, _, _ in lp.top] == ref.topk(3).indices.tolist()
+
+
+def test_leaving_early_aborts_the_request(engine):
+    async def main():
+        stream = engine.submit(req(engine, "ab", PROMPTS[0], max_tokens=200, ignore_eos=True))
+        got = [await stream.__anext__() for _ in range(3)]
+        await stream.aclose()
+        for _ in range(200):
+            if "ab" not in engine._active:
+                break
+            await asyncio.sleep(0.01)
+        return got
+    got = asyncio.run(main())
+    assert len(got) == 3
+    assert "ab" not in engine._active
+
+
+def test_unknown_adapter_fails_only_its_request(engine):
+    from server.errors import NotFound
+
+    async def main():
+        bad = engine.submit(req(engine, "bad", PROMPTS[0], "ghost"))
+        good = engine.submit(req(engine, "good", PROMPTS[0], "alpha", max_tokens=3))
+        with pytest.raises(NotFound):
+            async for _ in bad:
+                pass
+        return [ev async for ev in good]
+    events = asyncio.run(main())
+    assert events[-1].finish_reason in ("length", "stop")

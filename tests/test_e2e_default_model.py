@@ -1,0 +1,84 @@
+"""The real embedded default model (SmolLM2-135M-Instruct), served by `loraplex serve` with config.toml."""
+
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+from server.config import load_config
+from server.model import DEFAULT_MODEL_ID, resolve_source
+from tests.helpers import ServerProcess, save_adapter
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def default_folder():
+    cfg = load_config(ROOT / "config.toml")
+    folder, model_id = resolve_source(cfg.model, cfg.path(cfg.model.cache_dir))  # converts once, then cached
+    assert model_id == DEFAULT_MODEL_ID
+    return folder
+
+
+@pytest.fixture(scope="module")
+def store(default_folder, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    save_adapter(default_folder, store / "demo", r=4, alpha=8, seed=3, targets=("q_proj", "v_proj"), scale=0.5)
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
+    srv = ServerProcess(["--config", str(ROOT / "config.toml")],
+                        env={"LORAPLEX_ADAPTERS__DIR": str(store), "LORAPLEX_MODEL__DTYPE": "float32"},
+                        log_path=tmp_path_factory.mktemp("log") / "server.log")
+    srv.wait_ready()
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_lists_default_model_and_adapter(client):
+    assert [m.id for m in client.models.list()] == [DEFAULT_MODEL_ID, "demo"]
+
+
+def test_capital_of_france(client):
+    out = client.chat.completions.create(model=DEFAULT_MODEL_ID, temperature=0, max_tokens=20,
+                                         messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in out.choices[0].message.content
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_adapter_output_equals_peft_generate(client, default_folder, store):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = "The three primary colors are"
+    served = client.completions.create(model="demo", prompt=prompt, max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    tok = AutoTokenizer.from_pretrained(default_folder)
+    base = AutoModelForCausalLM.from_pretrained(default_folder, dtype=torch.float32).eval()
+    base.generation_config.eos_token_id = None
+    model = PeftModel.from_pretrained(base, store / "demo").eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+        with model.disable_adapter():
+            plain = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+    expected = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    assert served.choices[0].text == expected
+    assert ref.tolist() != plain.tolist(), "the adapter should change the output"
+
+
+def test_stream_chat_with_adapter(client):
+    chunks = list(client.chat.completions.create(
+        model=f"{DEFAULT_MODEL_ID}:demo", stream=True, max_tokens=8, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Say hi"}]))
+    assert chunks[-1].usage.completion_tokens >= 1
+    assert any(c.choices and c.choices[0].delta.content for c in chunks)
