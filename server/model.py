@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,9 @@ def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig  # lazy: bitsandbytes only on this path
 
     if quantization == "int8":
+        # bitsandbytes warns on every int8 matmul that it casts inputs to fp16; say it once instead.
+        warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+        log.info("int8: bitsandbytes casts layer inputs to float16 for its matmuls")
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_compute_dtype=dtype)
 

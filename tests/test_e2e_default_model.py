@@ -82,3 +82,29 @@ def test_stream_chat_with_adapter(client):
         messages=[{"role": "user", "content": "Say hi"}]))
     assert chunks[-1].usage.completion_tokens >= 1
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
+
+
+def test_serving_a_gguf_file_converts_it_once(default_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from server.config import ModelConfig
+    from server.model import find_default_gguf, load_model
+
+    gguf = find_default_gguf()
+    try:
+        loaded = load_model(ModelConfig(model=str(gguf), dtype="float32"), tmp_path)
+        assert loaded.model_id == "smollm2-135m-instruct.q4_1"
+        assert loaded.context_length == 8192
+        [folder] = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+        assert not list(tmp_path.glob(".staging-*"))  # staging folder renamed away
+        ours = load_file(folder / "model.safetensors")
+        cached = load_file(default_folder / "model.safetensors")
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert torch.equal(ours[name], cached[name])
+        mtime = (folder / "model.safetensors").stat().st_mtime_ns
+        load_model(ModelConfig(model=str(gguf), dtype="float32"), tmp_path)  # second start: no new conversion
+        assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)

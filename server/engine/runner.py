@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidAdapter
+from ..lora.fit import check_fits
 from ..lora.weights import AdapterFiles
 from ..model import LoadedModel
 
@@ -54,40 +55,46 @@ class ModelRunner:
 
     # -- adapters --------------------------------------------------------------
     def add_adapter(self, name: str, files: AdapterFiles) -> None:
+        """Attach a validated adapter; on any failure the model is left as it was."""
         from peft import get_peft_model, set_peft_model_state_dict
 
+        rank_pattern = getattr(files.config, "rank_pattern", None)
+        if not rank_pattern:  # per-module ranks would need per-module expectations
+            check_fits(name, self.base, files.tensors, files.info.rank)
+        first = self.peft is None
         try:
-            if self.peft is None:
+            if first:
                 self.peft = get_peft_model(self.base, files.config, adapter_name=name)
             else:
                 self.peft.add_adapter(name, files.config)
-        except ValueError as e:  # PEFT: target modules not found in the base model
-            raise InvalidAdapter(f"adapter {name!r} does not fit this base model: {e}", code="wrong_base") from None
-        try:
             result = set_peft_model_state_dict(self.peft, files.tensors, adapter_name=name)
             unexpected = [k for k in result.unexpected_keys if "lora_" in k]
             if unexpected:
-                raise InvalidAdapter(
-                    f"adapter {name!r}: {len(unexpected)} tensors match no layer of the base model "
-                    f"(first: {unexpected[0]})", code="wrong_base")
-        except RuntimeError as e:  # shape mismatch in load_state_dict
-            self._drop(name)
+                raise InvalidAdapter(f"adapter {name!r}: {len(unexpected)} tensors match no layer of the base "
+                                     f"model (first: {unexpected[0]})", code="wrong_base")
+        except (ValueError, RuntimeError, InvalidAdapter) as e:
+            self._undo(name, first)
+            if isinstance(e, InvalidAdapter):
+                raise
             raise InvalidAdapter(f"adapter {name!r} does not fit this base model: {e}", code="wrong_base") from None
-        except InvalidAdapter:
-            self._drop(name)
-            raise
         self.peft.to(self.device)
         self.peft.eval()
         self.adapters.add(name)
 
+    def _undo(self, name: str, first: bool) -> None:
+        """Remove a half-attached adapter; if it was the first, give back the plain base."""
+        if self.peft is None:
+            return
+        if first:
+            self.base = self.peft.unload()  # strips the LoRA layers PEFT injected into the base
+            self.peft = None
+        elif name in self.peft.peft_config:
+            self.peft.delete_adapter(name)
+
     def remove_adapter(self, name: str) -> None:
         if name in self.adapters:
-            self._drop(name)
+            self._undo(name, first=len(self.adapters) == 1)
             self.adapters.discard(name)
-
-    def _drop(self, name: str) -> None:
-        if self.peft is not None and name in self.peft.peft_config:
-            self.peft.delete_adapter(name)
 
     # -- forwards ------------------------------------------------------------
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str]) -> torch.Tensor:

@@ -1,0 +1,116 @@
+"""Loading the base: sources, device and dtype choices with reasons, bitsandbytes, GGUF."""
+
+import asyncio
+
+import pytest
+import torch
+
+from server.config import ModelConfig, load_config
+from server.engine.loop import TorchEngine
+from server.engine.types import GenerationRequest, SamplingParams
+from server.errors import ConfigError, InvalidAdapter
+from server.model import choose_dtype, choose_device, load_model, resolve_source
+
+
+def test_dtype_choice_has_a_reason():
+    cpu = torch.device("cpu")
+    dtype, why = choose_dtype("auto", cpu, "none")
+    assert dtype in (torch.float32, torch.bfloat16) and why
+    assert choose_dtype("auto", cpu, "nf4")[0] == torch.bfloat16
+    assert choose_dtype("float16", cpu, "none") == (torch.float16, "set in the configuration")
+    assert choose_device("auto")[0].type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_refused_without_cuda():
+    with pytest.raises(ConfigError, match="CUDA"):
+        choose_device("cuda")
+
+
+def test_sources(tiny_model_dir, tmp_path):
+    assert resolve_source(ModelConfig(model=str(tiny_model_dir)), tmp_path) == (tiny_model_dir, "tiny-llama")
+    assert resolve_source(ModelConfig(model=str(tiny_model_dir), id="mine"), tmp_path)[1] == "mine"
+    with pytest.raises(ConfigError, match="config.json"):
+        resolve_source(ModelConfig(model=str(tmp_path)), tmp_path)
+    with pytest.raises(ConfigError, match="not 'default'"):
+        resolve_source(ModelConfig(model=str(tmp_path / "nothing")), tmp_path)
+
+
+def test_load_tiny_folder(tiny_model_dir, tmp_path):
+    loaded = load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32", attn_implementation="eager"),
+                        tmp_path)
+    assert loaded.model_id == "tiny-llama" and loaded.context_length == 256
+    assert loaded.dtype == torch.float32 and loaded.eos_token_ids == [loaded.tokenizer.eos_token_id]
+    assert loaded.model.config._attn_implementation == "eager"
+
+
+def generate(engine, adapter, prompt="hello world", n=8):
+    async def go():
+        req = GenerationRequest(f"q-{adapter}", engine.tokenizer.encode(prompt),
+                                SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), adapter)
+        return [t for ev in [e async for e in engine.submit(req)] for t in ev.token_ids]
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("quant,layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_quantized_base_serves_with_adapters(tiny_model_dir, tiny_store, tmp_path, quant, layer):
+    cfg = load_config(overrides={"model.model": str(tiny_model_dir), "model.quantization": quant})
+    engine = TorchEngine(cfg.model, cfg.engine, cache_dir=tmp_path)
+    engine.start()
+    try:
+        asyncio.run(engine.wait_ready())
+        asyncio.run(engine.load_adapter("alpha", tiny_store / "alpha"))
+        q_proj = engine._runner.base.model.layers[0].self_attn.q_proj
+        assert type(q_proj).__name__ == layer  # PEFT's bnb LoRA layer over the quantized weight
+        base, tuned = generate(engine, None), generate(engine, "alpha")
+        assert len(base) == len(tuned) == 8 and base != tuned
+    finally:
+        engine.shutdown()
+
+
+def test_adapter_for_another_base_is_refused_without_trace(tiny_model_dir, tiny_store, tmp_path):
+    from tests.helpers import save_adapter, save_tiny_model
+    from transformers import LlamaConfig
+
+    other = save_tiny_model(tmp_path / "other")
+    # Same module names, other shapes: a LoRA made for a wider model.
+    cfg = LlamaConfig.from_pretrained(other)
+    cfg.hidden_size, cfg.intermediate_size = 96, 160
+    cfg.save_pretrained(other)
+    from transformers import LlamaForCausalLM
+    LlamaForCausalLM(cfg).save_pretrained(other)
+    save_adapter(other, tmp_path / "wide")
+
+    c = load_config(overrides={"model.model": str(tiny_model_dir), "model.dtype": "float32"})
+    engine = TorchEngine(c.model, c.engine, cache_dir=tmp_path)
+    engine.start()
+    try:
+        asyncio.run(engine.wait_ready())
+        before = generate(engine, None)
+        with pytest.raises(InvalidAdapter) as e:
+            asyncio.run(engine.load_adapter("wide", tmp_path / "wide"))
+        assert e.value.code == "wrong_base"
+        assert "wide" not in engine._runner.adapters
+        assert generate(engine, None) == before
+        asyncio.run(engine.load_adapter("alpha", tiny_store / "alpha"))  # the engine still takes good ones
+        assert generate(engine, "alpha") != before
+    finally:
+        engine.shutdown()
+
+
+def test_removing_the_last_adapter_restores_the_plain_base(tiny_model_dir, tiny_store, tmp_path):
+    c = load_config(overrides={"model.model": str(tiny_model_dir), "model.dtype": "float32"})
+    engine = TorchEngine(c.model, c.engine, cache_dir=tmp_path)
+    engine.start()
+    try:
+        asyncio.run(engine.wait_ready())
+        before = generate(engine, None)
+        asyncio.run(engine.load_adapter("alpha", tiny_store / "alpha"))
+        assert engine._runner.peft is not None
+        asyncio.run(engine.unload_adapter("alpha"))
+        assert engine._runner.peft is None and engine._runner.adapters == set()
+        q_proj = engine._runner.base.model.layers[0].self_attn.q_proj
+        assert type(q_proj).__name__ == "Linear"
+        assert generate(engine, None) == before
+    finally:
+        engine.shutdown()
