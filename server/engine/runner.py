@@ -48,6 +48,8 @@ class ModelRunner:
         self.base = loaded.model
         self.peft = None            # peft.PeftModel once an adapter is attached
         self.adapters: set[str] = set()
+        self._active: str | None = None   # PEFT's active adapter, to skip redundant set_adapter calls
+        self._layers_enabled = True       # whether PEFT's LoRA layers are switched on
 
     @property
     def model(self):
@@ -65,8 +67,11 @@ class ModelRunner:
         try:
             if first:
                 self.peft = get_peft_model(self.base, files.config, adapter_name=name)
+                self._active, self._layers_enabled = name, True
             else:
+                self._set_layers(enabled=True)  # new layers must not start in a stale state
                 self.peft.add_adapter(name, files.config)
+                self._active = None  # whatever PEFT made active, the next single-adapter batch sets it
             result = set_peft_model_state_dict(self.peft, files.tensors, adapter_name=name)
             unexpected = [k for k in result.unexpected_keys if "lora_" in k]
             if unexpected:
@@ -88,8 +93,10 @@ class ModelRunner:
         if first:
             self.base = self.peft.unload()  # strips the LoRA layers PEFT injected into the base
             self.peft = None
+            self._active = None
         elif name in self.peft.peft_config:
             self.peft.delete_adapter(name)
+            self._active = None  # PEFT picks another active adapter on delete
 
     def remove_adapter(self, name: str) -> None:
         if name in self.adapters:
@@ -98,19 +105,38 @@ class ModelRunner:
 
     # -- forwards ------------------------------------------------------------
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str]) -> torch.Tensor:
-        kwargs = {}
-        if self.peft is not None:
-            kwargs["adapter_names"] = adapters
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **kwargs,
-        )
-        return out.logits[:, -1, :]
+        """One forward; (B, V) logits of the last position.
+
+        PEFT's mixed-batch path (`adapter_names`) registers hooks on every LoRA layer per
+        call, and `disable_adapter()` walks every module twice per call; so a batch that
+        uses one adapter, or none, takes PEFT's plain path, and the layers' state is
+        switched only when it changes between steps.
+        """
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      cache=cache, use_cache=True, logits_to_keep=1)
+        used = set(adapters)
+        if self.peft is None:
+            return self.base(**kwargs).logits[:, -1, :]
+        if used == {BASE}:
+            self._set_layers(enabled=False)
+        else:
+            self._set_layers(enabled=True)
+            if len(used) == 1:
+                (name,) = used
+                if self._active != name:
+                    self.peft.set_adapter(name)
+                    self._active = name
+            else:
+                kwargs["adapter_names"] = adapters
+        return self.peft(**kwargs).logits[:, -1, :]
+
+    def _set_layers(self, enabled: bool) -> None:
+        if self._layers_enabled != enabled:
+            if enabled:
+                self.peft.base_model.enable_adapter_layers()
+            else:
+                self.peft.base_model.disable_adapter_layers()
+            self._layers_enabled = enabled
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], adapters: list[str | None]) -> tuple[BatchState, torch.Tensor]:
