@@ -30,6 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .model import check_source
 
     overrides = {
         "server.host": args.host, "server.port": args.port, "model.model": args.model,
@@ -41,6 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model and not Path(args.model).is_absolute() and args.model != "default":
         cfg.model.model = str(Path(args.model).resolve())  # a flag's path is relative to where it was typed
     logging.getLogger().setLevel(cfg.server.log_level.upper())
+    check_source(cfg.model)  # a wrong --model fails here, not after the server is up
     app = create_app(cfg, exit_on_load_failure=True)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler
     # that was there before it; this one turns that into exit status 0, or 1 when the

@@ -173,10 +173,13 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
     if key not in types_:
         raise ConfigError(f"{source}: unknown key {section}.{key} (known: {', '.join(sorted(types_))})")
     name = f"{section}.{key}"
-    coerced = _coerce(name, value, types_[key])
+    try:
+        coerced = _coerce(name, value, types_[key])
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     choices = _CHOICES.get((section, key))
     if choices and coerced not in choices:
-        raise ConfigError(f"{name}: {coerced!r} is not one of {sorted(choices)}")
+        raise ConfigError(f"{source}: {name}: {coerced!r} is not one of {sorted(choices)}")
     setattr(obj, key, coerced)
 
 

@@ -120,23 +120,35 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
+def check_source(cfg: ModelConfig) -> None:
+    """Fail fast, before any loading, when `model.model` names nothing loadable."""
+    if cfg.model == "default":
+        find_default_gguf()
+        return
+    path = Path(cfg.model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.model: {cfg.model!r} has no config.json (not a transformers model folder)")
+        return
+    raise ConfigError(f"model.model: {cfg.model!r} is not 'default', a model folder or a .gguf file")
+
+
 def resolve_source(cfg: ModelConfig, cache_dir: Path) -> tuple[Path, str]:
     """Return (a transformers folder to load, the served model id)."""
     spec = cfg.model
     if spec == "default":
         folder = convert_gguf(find_default_gguf(), cache_dir / DEFAULT_MODEL_ID)
         return folder, cfg.id or DEFAULT_MODEL_ID
+    check_source(cfg)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         st = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         folder = convert_gguf(path, cache_dir / f"{path.stem}-{key}")
         return folder, cfg.id or path.stem.lower()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.model: {spec!r} has no config.json (not a transformers model folder)")
-        return path, cfg.id or path.resolve().name.lower()
-    raise ConfigError(f"model.model: {spec!r} is not 'default', a model folder or a .gguf file")
+    return path, cfg.id or path.resolve().name.lower()
 
 
 def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:

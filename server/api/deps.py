@@ -9,6 +9,7 @@ client sent a Content-Length.
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -103,8 +104,6 @@ class BodyLimitMiddleware:
         await self.app(scope, limited, send)
 
     async def _refuse(self, send: Send) -> None:
-        import json
-
         payload = json.dumps(error_body(f"request body over {self.max_bytes} bytes", "invalid_request_error",
                                         None, "body_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
