@@ -22,6 +22,7 @@ from .engine.protocol import Engine
 from .registry import Registry
 from .api import errors as api_errors
 from .api.deps import AppState, BodyLimitMiddleware
+from .api.admin import router as admin_router
 from .api.openai import router as openai_router
 
 log = logging.getLogger("loraplex.app")
@@ -38,9 +39,8 @@ async def _warm_up(state: AppState, exit_on_failure: bool) -> None:
     """Wait for the model, then register the adapter store; /ready turns 200 after."""
     try:
         await state.engine.wait_ready()
-        if state.config.adapters.load_at_startup:
-            names = await state.registry.load_store()
-            log.info("adapters registered at start-up: %s", ", ".join(names) or "none")
+        names = await state.registry.start(scan_store=state.config.adapters.load_at_startup)
+        log.info("adapters in memory at start-up: %s", ", ".join(names) or "none")
         state.adapters_ready = True
         log.info("ready: serving %s", state.engine.model_id)
     except Exception as e:
@@ -52,8 +52,10 @@ async def _warm_up(state: AppState, exit_on_failure: bool) -> None:
 
 def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_failure: bool = False) -> FastAPI:
     engine = engine if engine is not None else build_engine(config)
-    registry = Registry(engine, config.path(config.adapters.dir))
-    state = AppState(config=config, engine=engine, registry=registry, api_keys=config.api_keys())
+    registry = Registry(engine, config.path(config.adapters.dir), capacity=config.adapters.max_loaded_adapters,
+                        roots=[config.path(r) for r in config.adapters.roots])
+    state = AppState(config=config, engine=engine, registry=registry, api_keys=config.api_keys(),
+                     admin_token=config.admin_token())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -71,4 +73,5 @@ def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_fai
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)
     api_errors.install(app)
     app.include_router(openai_router)
+    app.include_router(admin_router)
     return app

@@ -82,6 +82,9 @@ class AdaptersConfig:
     dir: str = "adapters"
     load_at_startup: bool = True    # register every valid folder found in `dir`
     max_lora_rank: int = 64
+    max_loaded_adapters: int = 16   # adapters (and blends) held in memory; LRU beyond
+    # Extra folders an admin may load adapters from by absolute path (the store is always allowed).
+    roots: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -191,6 +194,7 @@ def _validate(cfg: Config) -> None:
         ("engine.max_batch_size", cfg.engine.max_batch_size),
         ("engine.max_waiting_requests", cfg.engine.max_waiting_requests),
         ("adapters.max_lora_rank", cfg.adapters.max_lora_rank),
+        ("adapters.max_loaded_adapters", cfg.adapters.max_loaded_adapters),
     ]
     for name, v in positive:
         if v <= 0:

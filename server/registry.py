@@ -1,42 +1,81 @@
-"""Adapter names: which exist, where they live, and what a `model` field means.
+"""Adapter lifecycle: names, leases, LRU memory, pins, blends, persistence.
 
-Owns: the name rules, the adapter store on disk (one PEFT folder per adapter),
-confining adapter paths to the store, registering adapters with the engine,
-and resolving a request's `model` (the base id, an adapter name, or
-`BASE_ID:ADAPTER`) to an adapter name or None for the base.
+Owns: which adapters and blends exist (`Entry`), which of them are in the
+engine's memory, and the rules around that:
+- a request `acquire`s a lease on its adapter and releases it when done; an
+  adapter with leases out is never evicted or freed;
+- at most `max_loaded_adapters` are in memory; loading past it evicts the least
+  recently used entry that is unpinned and idle, else 429; an evicted entry stays
+  registered and is reloaded on its next request;
+- unregistering hides the name at once (new requests get 404), waits for the
+  leases out on it, then frees it;
+- the registered set, pins and blends are saved to a state file after each change.
 
-It knows the engine only through the protocol (`load_adapter`), and nothing
-of HTTP. Admin operations (unload, pins, LRU, blends, persistence) grow here
-with the registry issue.
+Concurrency: all state here is touched only on the event loop's thread, so a
+check and the update that follows it, with no `await` between, are one atomic
+step (SGLang's lora_registry makes acquire atomic the same way). `_lock`
+serialises the operations that await the engine (load, evict, unload, blend),
+so two of them never interleave their decisions about memory.
+
+It knows the engine only through its protocol, and nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import re
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidAdapter, InvalidRequest, NotFound
-from .lora.weights import AdapterInfo
 from .engine.protocol import Engine
+from .errors import Conflict, InvalidAdapter, InvalidRequest, NotFound, Overloaded
+from .lora.blend import BlendSpec, check_spec
+from .lora.weights import AdapterInfo, content_hash, describe_adapter
+from .state import Record, State, StateFile
 
 log = logging.getLogger("loraplex.registry")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MIX_PREFIX = "~mix-"  # per-request blends; the name rule keeps clients from using it
 
 
-@dataclass(frozen=True)
-class AdapterEntry:
+@dataclass(eq=False)
+class Entry:
     name: str
-    kind: str                       # "adapter" or "blend"
+    kind: str                       # "adapter" | "blend" | "mix" (per-request blend, not listed or saved)
+    path: Path | None               # weights on disk; None for a mix
     info: AdapterInfo
-    loaded_at: float
+    pinned: bool = False
+    loaded: bool = False            # in the engine's memory now
+    loaded_at: float | None = None
+    last_used_at: float | None = None
+    requests_total: int = 0
+    inflight: int = 0
+    draining: bool = False          # being unregistered: hidden, waiting for leases
+    recipe: BlendSpec | None = None
+    created: int = field(default_factory=lambda: int(time.time()))  # registration time, kept across restarts
+    use_seq: int = 0                # LRU order: a counter, not a clock, so that ties cannot happen
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self):
+        self.idle.set()
 
 
-def check_name(name: str, param: str = "name") -> str:
+@dataclass
+class Lease:
+    """What a request holds while it runs; `adapter` is the engine name (None = base)."""
+
+    adapter: str | None
+    entries: list[Entry] = field(default_factory=list)
+    released: bool = False
+
+
+def check_name(name: object, param: str = "name") -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise InvalidRequest(
             f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
@@ -45,67 +84,319 @@ def check_name(name: str, param: str = "name") -> str:
 
 
 class Registry:
-    def __init__(self, engine: Engine, store: Path):
+    def __init__(self, engine: Engine, store: Path, *, capacity: int = 16, roots: list[Path] | None = None):
         self.engine = engine
         self.store = Path(store)
-        self._entries: dict[str, AdapterEntry] = {}
-        # Serialises loads so two calls for one name cannot both reach the engine.
+        self.capacity = capacity
+        self.roots = [self.store.resolve()] + [Path(r).resolve() for r in roots or []]
+        self.state = StateFile(self.store)
+        self._entries: dict[str, Entry] = {}
+        self._removed: set[str] = set()
         self._lock = asyncio.Lock()
+        self._seq = 0
+
+    def _touch(self, e: Entry) -> None:
+        self._seq += 1
+        e.use_seq = self._seq
+        e.last_used_at = time.time()
 
     @property
     def base_id(self) -> str:
         return self.engine.model_id
 
+    # -- names and paths ---------------------------------------------------------
     def resolve_path(self, path: str | Path) -> Path:
-        """A path relative to the store, or absolute inside it; never outside (after symlinks)."""
-        root = self.store.resolve()
+        """A path relative to the store, or absolute inside a configured root; never outside (after symlinks)."""
         p = Path(path)
-        full = (p if p.is_absolute() else root / p).resolve()
-        if full != root and root not in full.parents:
-            raise InvalidRequest(f"adapter path {str(path)!r} resolves outside the adapter store {root}",
-                                 param="path", code="path_outside_store")
+        full = (p if p.is_absolute() else self.store.resolve() / p).resolve()
+        if not any(full == r or r in full.parents for r in self.roots):
+            raise InvalidRequest(f"adapter path {str(path)!r} resolves outside the adapter roots "
+                                 f"({', '.join(map(str, self.roots))})", param="path", code="path_outside_roots")
         return full
 
-    async def load(self, name: str, path: str | Path) -> AdapterEntry:
-        check_name(name)
-        folder = self.resolve_path(path)
-        async with self._lock:
-            entry = self._entries.get(name)
-            if entry is not None:
-                return entry
-            info = await self.engine.load_adapter(name, folder)
-            entry = AdapterEntry(name, "adapter", info, time.time())
-            self._entries[name] = entry
-            log.info("adapter %s loaded from %s (rank %d, %s)", name, info.folder, info.rank,
-                     ",".join(info.target_modules))
-            return entry
+    def _visible(self, name: str) -> Entry | None:
+        e = self._entries.get(name)
+        return e if e is not None and not e.draining and e.kind != "mix" else None
 
-    async def load_store(self) -> list[str]:
-        """Register every adapter folder in the store; a bad one is logged and skipped."""
-        if not self.store.is_dir():
-            log.info("adapter store %s does not exist; no adapters loaded", self.store)
-            return []
-        loaded = []
-        for folder in sorted(p for p in self.store.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not (folder / "adapter_config.json").is_file():
-                continue
-            try:
-                await self.load(folder.name, folder.name)
-                loaded.append(folder.name)
-            except (InvalidAdapter, InvalidRequest) as e:
-                log.warning("skipping adapter folder %s: %s", folder, e.message)
-        return loaded
+    def get(self, name: str) -> Entry:
+        e = self._visible(name)
+        if e is None:
+            raise NotFound(f"adapter {name!r} is not registered", param="name", code="adapter_not_found")
+        return e
 
-    def resolve(self, model: str) -> str | None:
-        """Map a request's `model` to an adapter name, or None for the base model."""
+    def entries(self) -> list[Entry]:
+        return [e for e in self._entries.values() if not e.draining and e.kind != "mix"]
+
+    def _adapter_name(self, model: str) -> str | None:
         base = self.base_id
         if model == base:
             return None
         name = model[len(base) + 1:] if model.startswith(base + ":") else model
-        if name in self._entries:
-            return name
-        raise NotFound(f"The model {model!r} does not exist (known: the base {base!r} and "
-                       f"{len(self._entries)} adapters; see GET /v1/models)", param="model", code="model_not_found")
+        if self._visible(name) is None:
+            raise NotFound(f"The model {model!r} does not exist (known: the base {base!r} and "
+                           f"{len(self.entries())} adapters; see GET /v1/models)", param="model",
+                           code="model_not_found")
+        return name
 
-    def entries(self) -> list[AdapterEntry]:
-        return sorted(self._entries.values(), key=lambda e: e.loaded_at)
+    # -- leases ------------------------------------------------------------------------
+    async def acquire(self, model: str, mix: list[tuple[str, float]] | None = None) -> Lease:
+        """Lease the adapter a request names (loading it if evicted). Release with `release`."""
+        name = self._adapter_name(model)
+        if mix:
+            if name is not None:
+                raise InvalidRequest("`adapters` blends on top of the base model: set `model` to the base id "
+                                     f"{self.base_id!r}", param="adapters")
+            return await self._acquire_mix(mix)
+        if name is None:
+            return Lease(None)
+        lease = Lease(name)
+        try:
+            await self._take(self._entries[name], lease)
+        except BaseException:
+            self.release(lease)
+            raise
+        return lease
+
+    async def _take(self, e: Entry, lease: Lease) -> None:
+        # Count the lease first, with no await before it: from here on `e` cannot be evicted.
+        e.inflight += 1
+        e.idle.clear()
+        e.requests_total += 1
+        self._touch(e)
+        lease.entries.append(e)
+        if not e.loaded:
+            async with self._lock:
+                if not e.loaded:
+                    await self._load_into_memory(e)
+
+    def release(self, lease: Lease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        for e in lease.entries:
+            e.inflight -= 1
+            if e.inflight == 0:
+                e.idle.set()
+
+    async def _acquire_mix(self, mix: list[tuple[str, float]]) -> Lease:
+        spec = BlendSpec(tuple(mix), "cat")
+        try:
+            check_spec(spec, {e.name: e.info.rank for e in self.entries()})
+        except InvalidAdapter as e:
+            raise InvalidRequest(e.message, param="adapters", code=e.code) from None
+        key = hashlib.sha256(repr(spec.adapters).encode()).hexdigest()[:16]
+        name = MIX_PREFIX + key
+        lease = Lease(name)
+        try:
+            for src, _ in spec.adapters:  # sources stay in memory while the mix exists for this request
+                await self._take(self._entries[src], lease)
+            async with self._lock:
+                mixed = self._entries.get(name)
+                if mixed is None:
+                    await self._make_room()
+                    info = await self.engine.create_blend(name, spec, None)
+                    mixed = Entry(name, "mix", None, info, loaded=True, loaded_at=time.time(), recipe=spec)
+                    self._entries[name] = mixed
+            await self._take(mixed, lease)
+        except BaseException:
+            self.release(lease)
+            raise
+        return lease
+
+    # -- memory ------------------------------------------------------------------------
+    def _loaded_count(self) -> int:
+        return sum(1 for e in self._entries.values() if e.loaded)
+
+    async def _make_room(self) -> None:
+        """Evict LRU idle unpinned entries until one more fits. Call with _lock held."""
+        while self._loaded_count() >= self.capacity:
+            idle = [e for e in self._entries.values() if e.loaded and not e.pinned and e.inflight == 0]
+            if not idle:
+                busy = sum(1 for e in self._entries.values() if e.loaded and e.inflight)
+                pinned = sum(1 for e in self._entries.values() if e.loaded and e.pinned)
+                raise Overloaded(f"all {self.capacity} adapter slots (adapters.max_loaded_adapters) are taken: "
+                                 f"{busy} serving requests, {pinned} pinned; retry later", retry_after=1,
+                                 code="adapter_capacity")
+            # Mixes go first: they are cheap to rebuild and never listed.
+            victim = min(idle, key=lambda e: (e.kind != "mix", e.use_seq))
+            await self.engine.unload_adapter(victim.name)
+            victim.loaded = False
+            if victim.kind == "mix":
+                del self._entries[victim.name]
+            log.info("evicted %s (least recently used)", victim.name)
+
+    async def _load_into_memory(self, e: Entry) -> None:
+        """Call with _lock held."""
+        await self._make_room()
+        t0 = time.perf_counter()
+        e.info = await self.engine.load_adapter(e.name, e.path, check_rank=e.kind == "adapter")
+        e.loaded, e.loaded_at = True, time.time()
+        self._seq += 1
+        e.use_seq = max(e.use_seq, self._seq)  # just loaded counts as just used
+        log.info("loaded %s into memory in %.0f ms", e.name, 1000 * (time.perf_counter() - t0))
+
+    # -- admin operations ----------------------------------------------------------
+    async def register(self, name: str, path: str | Path, *, pinned: bool = False,
+                       replace: bool = False) -> tuple[Entry, bool]:
+        """Register and load an adapter folder. Returns (entry, created)."""
+        check_name(name)
+        folder = self.resolve_path(path)
+        sha = await asyncio.to_thread(content_hash, folder)
+        existing = self._entries.get(name)
+        if existing is not None and existing.draining:
+            raise Conflict(f"adapter {name!r} is being unloaded; retry shortly", code="adapter_draining")
+        if existing is not None:
+            if existing.kind == "adapter" and sha and existing.info.sha256 == sha and existing.path == folder:
+                if pinned and not existing.pinned:
+                    await self.set_pinned(name, True)
+                return existing, False
+            if not replace:
+                raise Conflict(f"adapter {name!r} is already registered with other content "
+                               "(pass \"replace\": true to swap it)", param="name", code="adapter_exists")
+            await self.unregister(name)
+        async with self._lock:
+            if name in self._entries:  # a racing call registered it while we waited
+                raise Conflict(f"adapter {name!r} was registered concurrently", param="name", code="adapter_exists")
+            if pinned:
+                self._check_pin_room()
+            entry = Entry(name, "adapter", folder, AdapterInfo(folder, 0, 0.0, (), sha, 0), pinned=pinned)
+            self._entries[name] = entry  # reserved: a concurrent register of the name gets 409
+            try:
+                await self._load_into_memory(entry)
+            except BaseException:
+                del self._entries[name]  # a failed load leaves no trace
+                raise
+            self._removed.discard(name)
+            self._save()
+        log.info("registered %s from %s (rank %d, %s)", name, folder, entry.info.rank, ",".join(entry.info.target_modules))
+        return entry, True
+
+    async def unregister(self, name: str) -> Entry:
+        e = self.get(name)
+        e.draining = True  # new requests get 404 from here on
+        self._save()
+        await e.idle.wait()  # leases out finish normally
+        async with self._lock:
+            if e.loaded:
+                await self.engine.unload_adapter(name)
+                e.loaded = False
+            self._entries.pop(name, None)
+            if e.path is not None and e.kind == "adapter" and self._in_store(e.path):
+                self._removed.add(name)  # a folder in the store is not re-registered at the next start
+            if e.kind == "blend" and e.path is not None and self.state.blends in e.path.parents:
+                shutil.rmtree(e.path, ignore_errors=True)
+            self._save()
+        log.info("unregistered %s", name)
+        return e
+
+    def _check_pin_room(self, extra: int = 1) -> None:
+        pinned = sum(1 for e in self._entries.values() if e.pinned and not e.draining)
+        if pinned + extra > self.capacity:
+            raise Conflict(f"cannot pin: {pinned} adapters are pinned and adapters.max_loaded_adapters is "
+                           f"{self.capacity}; unpin one first", param="pinned", code="pin_capacity")
+
+    async def set_pinned(self, name: str, pinned: bool) -> Entry:
+        e = self.get(name)
+        if pinned and not e.pinned:
+            self._check_pin_room()
+            async with self._lock:
+                e.pinned = True
+                if not e.loaded:
+                    try:
+                        await self._load_into_memory(e)
+                    except BaseException:
+                        e.pinned = False
+                        raise
+        else:
+            e.pinned = pinned
+        self._save()
+        return e
+
+    async def create_blend(self, name: str, spec: BlendSpec, *, save: bool = False) -> tuple[Entry, bool]:
+        check_name(name)
+        existing = self._visible(name)
+        if existing is not None:
+            if existing.kind == "blend" and existing.recipe == spec:
+                return existing, False
+            raise Conflict(f"{name!r} is already registered", param="name", code="adapter_exists")
+        sources = {e.name: e.info.rank for e in self.entries()}
+        check_spec(spec, sources)
+        target = self.store / name if save else self.state.blends / name
+        if target.exists():
+            raise Conflict(f"{target} already exists", param="name", code="folder_exists")
+        lease = Lease(None)
+        try:
+            for src, _ in spec.adapters:
+                await self._take(self._entries[src], lease)
+            async with self._lock:
+                if name in self._entries:
+                    raise Conflict(f"{name!r} was registered concurrently", param="name", code="adapter_exists")
+                await self._make_room()
+                staging = self.state.staging(name)
+                try:
+                    info = await self.engine.create_blend(name, spec, staging)
+                    try:
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        staging.rename(target)  # the folder appears whole or not at all
+                    except BaseException:
+                        await self.engine.unload_adapter(name)
+                        raise
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+                entry = Entry(name, "blend", target.resolve(), dataclasses.replace(info, folder=target.resolve()),
+                              loaded=True, loaded_at=time.time(), recipe=spec)
+                self._entries[name] = entry
+                self._save()
+        finally:
+            self.release(lease)
+        log.info("blend %s = %s of %s", name, spec.combination_type, spec.adapters)
+        return entry, True
+
+    # -- start-up and persistence ----------------------------------------------------
+    def _in_store(self, folder: Path) -> bool:
+        root = self.store.resolve()
+        return root in Path(folder).resolve().parents
+
+    def _save(self) -> None:
+        records = [Record(e.name, e.kind, self.state.rel(e.path), e.pinned, e.info.sha256,
+                          e.recipe.recipe() if e.recipe else None, e.created)
+                   for e in self._entries.values() if e.kind != "mix" and not e.draining and e.path is not None]
+        self.state.write(State(records, sorted(self._removed)))
+
+    async def start(self, scan_store: bool = True) -> list[str]:
+        """Restore the saved state, add new store folders, fill memory (pinned first)."""
+        self.state.clean_staging()
+        saved = self.state.read()
+        records = saved.records if saved else []
+        self._removed = set(saved.removed) if saved else set()
+        known = {r.name for r in records}
+        if scan_store and self.store.is_dir():
+            for folder in sorted(p for p in self.store.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if folder.name in known or folder.name in self._removed or not NAME_RE.match(folder.name):
+                    continue
+                if (folder / "adapter_config.json").is_file():
+                    records.append(Record(folder.name, "adapter", folder.name))
+        for r in records:
+            folder = self.state.abs(r.path)
+            try:
+                info = describe_adapter(folder)
+            except InvalidAdapter as e:
+                log.warning("skipping %s: %s", r.name, e.message)
+                continue
+            self._entries[r.name] = Entry(r.name, r.kind, folder.resolve(), info, pinned=r.pinned,
+                                          recipe=BlendSpec.from_recipe(r.recipe) if r.recipe else None,
+                                          created=r.created or int(time.time()))
+        order = sorted(self._entries.values(), key=lambda e: not e.pinned)
+        loaded = []
+        async with self._lock:
+            for e in order:
+                if self._loaded_count() >= self.capacity:
+                    break
+                try:
+                    await self._load_into_memory(e)
+                    loaded.append(e.name)
+                except InvalidAdapter as err:
+                    log.warning("skipping adapter %s: %s", e.name, err.message)
+                    del self._entries[e.name]
+        self._save()
+        return loaded

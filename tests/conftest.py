@@ -4,6 +4,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402
 
 from tests.helpers import save_adapter, save_tiny_model  # noqa: E402
@@ -17,8 +19,16 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_model_dir):
-    """An adapter store with two different adapters for the tiny model."""
+    """Two different adapters for the tiny model (alpha: r=4 on q,v; beta: r=2 on o,down).
+    A read-only template: a server or registry writes state into its store, so they get `store_copy`."""
     store = tmp_path_factory.mktemp("store")
     save_adapter(tiny_model_dir, store / "alpha", seed=1, targets=("q_proj", "v_proj"))
     save_adapter(tiny_model_dir, store / "beta", seed=2, r=2, targets=("o_proj", "down_proj"))
     return store
+
+
+@pytest.fixture
+def store_copy(tiny_store, tmp_path):
+    dst = tmp_path / "store"
+    shutil.copytree(tiny_store, dst)
+    return dst

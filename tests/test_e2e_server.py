@@ -1,5 +1,7 @@
 """`loraplex serve` as a real process on a real port, driven by the official openai client."""
 
+import shutil
+
 import httpx
 import openai
 import pytest
@@ -12,7 +14,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tiny_store, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    srv = ServerProcess(["--model", str(tiny_model_dir), "--adapters-dir", str(tiny_store)],
+    shutil.copytree(tiny_store, tmp / "store")
+    srv = ServerProcess(["--model", str(tiny_model_dir), "--adapters-dir", str(tmp / "store")],
                         env={"LORAPLEX_MODEL__CACHE_DIR": str(tmp / "cache"), "LORAPLEX_MODEL__DTYPE": "float32"},
                         log_path=tmp / "server.log")
     srv.wait_ready()

@@ -1,20 +1,38 @@
-"""Adapter names, store confinement and `model` resolution (FakeEngine)."""
+"""The registry on a FakeEngine: names, paths, leases, LRU, pins, drains, races, blends, persistence."""
 
 import asyncio
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
 from server.engine.fake import FakeEngine
-from server.errors import InvalidRequest, NotFound
+from server.errors import Conflict, InvalidAdapter, InvalidRequest, NotFound, Overloaded
+from server.lora.blend import BlendSpec
 from server.registry import Registry, check_name
 
 
 @pytest.fixture
-def registry(tiny_store):
+def store(store_copy):
+    """The tiny store (alpha r=4, beta r=2) plus gamma and delta (like alpha, other seeds)."""
+    s = store_copy
+    from tests.helpers import save_adapter
+    base = Path(json.loads((s / "alpha" / "adapter_config.json").read_text())["base_model_name_or_path"])
+    for name, seed in (("gamma", 5), ("delta", 6)):
+        save_adapter(base, s / name, seed=seed)
+    return s
+
+
+def make(store, capacity=16, **kw):
     eng = FakeEngine("base-x")
     eng.start()
-    return Registry(eng, tiny_store)
+    return Registry(eng, store, capacity=capacity, **kw), eng
+
+
+def run(coro):
+    return asyncio.run(coro)
 
 
 @pytest.mark.parametrize("name", ["a", "my-adapter_1.2", "A" * 64, "0x"])
@@ -22,47 +40,301 @@ def test_good_names(name):
     assert check_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "-a", ".hidden", "a/b", "a b", "A" * 65, "__base__", "a:b", "..", 5])
+@pytest.mark.parametrize("name", ["", "-a", ".hidden", "a/b", "a b", "A" * 65, "__base__", "a:b", "..", 5, "~mix-1"])
 def test_bad_names(name):
     with pytest.raises(InvalidRequest):
         check_name(name)
 
 
-def test_load_and_resolve(registry):
-    asyncio.run(registry.load("alpha", "alpha"))
-    assert registry.resolve("base-x") is None
-    assert registry.resolve("alpha") == "alpha"
-    assert registry.resolve("base-x:alpha") == "alpha"
-    for bad in ("beta", "base-x:beta", "other:alpha", ""):
-        with pytest.raises(NotFound) as e:
-            registry.resolve(bad)
-        assert e.value.code == "model_not_found" and e.value.param == "model"
+def test_register_and_acquire(store):
+    reg, eng = make(store)
+
+    async def main():
+        entry, created = await reg.register("alpha", "alpha")
+        assert created and entry.loaded and entry.info.rank == 4
+        assert (await reg.acquire("base-x")).adapter is None
+        for model in ("alpha", "base-x:alpha"):
+            lease = await reg.acquire(model)
+            assert lease.adapter == "alpha" and entry.inflight == 1
+            reg.release(lease)
+            reg.release(lease)  # twice is harmless
+            assert entry.inflight == 0
+        assert entry.requests_total == 2
+        for bad in ("beta", "base-x:beta", "other:alpha"):
+            with pytest.raises(NotFound) as e:
+                await reg.acquire(bad)
+            assert e.value.code == "model_not_found"
+    run(main())
 
 
-def test_load_is_idempotent(registry):
-    first = asyncio.run(registry.load("alpha", "alpha"))
-    again = asyncio.run(registry.load("alpha", "alpha"))
-    assert first is again and len(registry.entries()) == 1
+def test_idempotent_conflict_and_replace(store):
+    reg, eng = make(store)
+
+    async def main():
+        first, created = await reg.register("alpha", "alpha")
+        again, created2 = await reg.register("alpha", "alpha")
+        assert created and not created2 and again is first
+        with pytest.raises(Conflict) as e:
+            await reg.register("alpha", "beta")
+        assert e.value.code == "adapter_exists"
+        new, created3 = await reg.register("alpha", "beta", replace=True)
+        assert created3 and new.info.rank == 2 and new.info.sha256 != first.info.sha256
+        assert eng.loads == ["alpha", "alpha"]
+    run(main())
 
 
 @pytest.mark.parametrize("path", ["../outside", "/etc", "alpha/../../x"])
-def test_paths_outside_the_store_refused(registry, path):
+def test_paths_outside_the_roots_refused(store, path):
+    reg, _ = make(store)
     with pytest.raises(InvalidRequest) as e:
-        asyncio.run(registry.load("x", path))
-    assert e.value.code == "path_outside_store"
+        run(reg.register("x", path))
+    assert e.value.code == "path_outside_roots"
 
 
-def test_symlink_escape_refused(tiny_store, tmp_path):
+def test_symlink_escape_refused(store, tmp_path, tiny_store):
     outside = tmp_path / "outside"
-    outside.mkdir()
-    store = tmp_path / "store"
-    store.mkdir()
+    shutil.copytree(tiny_store / "alpha", outside)
     os.symlink(outside, store / "sneaky")
-    reg = Registry(FakeEngine(), store)
+    reg, eng = make(store)
     with pytest.raises(InvalidRequest):
-        asyncio.run(reg.load("sneaky", "sneaky"))
+        run(reg.register("sneaky", "sneaky"))
+    # An absolute path inside a configured extra root is allowed.
+    reg2, _ = make(store, roots=[tmp_path / "outside"])
+    assert run(reg2.register("outside", str(outside)))[1]
 
 
-def test_load_store_registers_valid_folders(registry):
-    assert asyncio.run(registry.load_store()) == ["alpha", "beta"]
-    assert [e.name for e in registry.entries()] == ["alpha", "beta"]
+@pytest.mark.parametrize("breakage,code", [
+    ("pickle", "pickle_refused"), ("no_config", "missing_config"), ("truncated", "invalid_weights"),
+    ("rank", "rank_too_high")])
+def test_refused_adapters_leave_no_trace(store, breakage, code):
+    bad = store / "bad"
+    shutil.copytree(store / "alpha", bad)
+    if breakage == "pickle":
+        (bad / "adapter_model.bin").write_bytes(b"\x80\x04.")
+    elif breakage == "no_config":
+        (bad / "adapter_config.json").unlink()
+    elif breakage == "truncated":
+        w = bad / "adapter_model.safetensors"
+        w.write_bytes(w.read_bytes()[:100])
+    reg, eng = make(store)
+    if breakage == "rank":
+        eng.max_lora_rank = 2
+    with pytest.raises(InvalidAdapter) as e:
+        run(reg.register("bad", "bad"))
+    assert e.value.code == code
+    assert reg.entries() == [] and "bad" not in eng.adapters
+    saved = json.loads((store / ".loraplex" / "state.json").read_text()) if (store / ".loraplex" / "state.json").exists() else {"adapters": []}
+    assert saved["adapters"] == []
+
+
+def test_lru_eviction_and_reload(store):
+    reg, eng = make(store, capacity=2)
+
+    async def main():
+        await reg.register("alpha", "alpha")
+        await reg.register("beta", "beta")
+        reg.release(await reg.acquire("alpha"))          # alpha is now the most recently used
+        await reg.register("gamma", "gamma")             # evicts beta
+        assert set(eng.adapters) == {"alpha", "gamma"}
+        assert not reg.get("beta").loaded and reg.get("beta") in reg.entries()  # still registered
+        lease = await reg.acquire("beta")                # reloaded on demand; evicts alpha (LRU)
+        assert lease.adapter == "beta" and set(eng.adapters) == {"gamma", "beta"}
+        reg.release(lease)
+    run(main())
+
+
+def test_in_flight_adapters_are_never_evicted(store):
+    reg, eng = make(store, capacity=2)
+
+    async def main():
+        await reg.register("alpha", "alpha")
+        await reg.register("beta", "beta")
+        held = [await reg.acquire("alpha"), await reg.acquire("beta")]
+        with pytest.raises(Overloaded) as e:
+            await reg.register("gamma", "gamma")
+        assert e.value.code == "adapter_capacity" and e.value.retry_after >= 1
+        assert set(eng.adapters) == {"alpha", "beta"} and reg._visible("gamma") is None
+        reg.release(held[1])
+        await reg.register("gamma", "gamma")             # beta is idle now
+        assert set(eng.adapters) == {"alpha", "gamma"}
+        reg.release(held[0])
+    run(main())
+
+
+def test_pins(store):
+    reg, eng = make(store, capacity=2)
+
+    async def main():
+        await reg.register("alpha", "alpha", pinned=True)
+        await reg.register("beta", "beta")
+        for name in ("gamma", "delta", "beta", "gamma"):   # churn: alpha stays
+            if reg._visible(name) is None:
+                await reg.register(name, name)
+            reg.release(await reg.acquire(name))
+            assert "alpha" in eng.adapters
+        await reg.set_pinned("beta", True)
+        with pytest.raises(Conflict) as e:
+            await reg.set_pinned("gamma", True)
+        assert e.value.code == "pin_capacity"
+        await reg.set_pinned("alpha", False)
+        await reg.set_pinned("gamma", True)
+    run(main())
+
+
+def test_unregister_waits_for_in_flight_requests(store):
+    reg, eng = make(store)
+
+    async def main():
+        await reg.register("alpha", "alpha")
+        leases = [await reg.acquire("alpha") for _ in range(8)]
+        task = asyncio.create_task(reg.unregister("alpha"))
+        await asyncio.sleep(0.01)
+        with pytest.raises(NotFound):                     # hidden at once
+            await reg.acquire("alpha")
+        assert "alpha" in eng.adapters and not task.done()  # still serving the 8
+        for lease in leases:
+            reg.release(lease)
+        await task
+        assert "alpha" not in eng.adapters and reg.entries() == []
+    run(main())
+
+
+def test_racing_registers_of_one_name(store):
+    reg, eng = make(store)
+
+    async def main():
+        same = await asyncio.gather(*(reg.register("x", "alpha") for _ in range(10)), return_exceptions=True)
+        assert sum(1 for r in same if r[1]) == 1 and all(not isinstance(r, Exception) for r in same)
+        other = await asyncio.gather(*(reg.register("y", p) for p in ["alpha", "beta"] * 5), return_exceptions=True)
+        created = [r for r in other if not isinstance(r, Exception) and r[1]]
+        assert len(created) == 1
+        assert all(isinstance(r, Conflict) or not r[1] for r in other if r not in created)
+        assert eng.loads.count("x") == 1 and eng.loads.count("y") == 1
+    run(main())
+
+
+def test_load_unload_churn_stays_consistent(store):
+    reg, eng = make(store, capacity=2)
+    names = ["alpha", "beta", "gamma", "delta"]
+
+    async def user(i):
+        for k in range(20):
+            name = names[(i + k) % 4]
+            try:
+                lease = await reg.acquire(name)
+            except (NotFound, Overloaded):
+                continue
+            assert lease.adapter in eng.adapters           # never routed to an adapter not in memory
+            await asyncio.sleep(0)
+            reg.release(lease)
+
+    async def admin():
+        for k in range(20):
+            name = names[k % 4]
+            try:
+                if reg._visible(name):
+                    await reg.unregister(name)
+                else:
+                    await reg.register(name, name)
+            except (Overloaded, Conflict):
+                pass
+
+    async def main():
+        for n in names[:2]:
+            await reg.register(n, n)
+        await asyncio.gather(admin(), *(user(i) for i in range(6)))
+        loaded = {e.name for e in reg._entries.values() if e.loaded}
+        assert loaded == set(eng.adapters) and len(loaded) <= 2
+        assert all(e.inflight == 0 for e in reg._entries.values())
+    run(main())
+
+
+def test_blends(store):
+    reg, eng = make(store)
+
+    async def main():
+        await reg.register("alpha", "alpha")
+        await reg.register("gamma", "gamma")
+        await reg.register("beta", "beta")
+        spec = BlendSpec((("alpha", 0.7), ("gamma", 0.3)), "linear")
+        entry, created = await reg.create_blend("mixy", spec)
+        assert created and entry.kind == "blend" and entry.loaded
+        assert entry.path == (store / ".loraplex" / "blends" / "mixy").resolve()
+        assert (await reg.create_blend("mixy", spec))[1] is False           # same recipe: idempotent
+        saved, _ = await reg.create_blend("kept", spec, save=True)
+        assert saved.path == (store / "kept").resolve() and (store / "kept" / "adapter_config.json").is_file()
+        for bad_spec, code in [
+            (BlendSpec((("alpha", 1.0), ("beta", 1.0)), "linear"), "rank_mismatch"),
+            (BlendSpec((("alpha", 1.0), ("nope", 1.0)), "linear"), "unknown_adapter"),
+            (BlendSpec((("alpha", float("nan")), ("gamma", 1.0)), "linear"), "invalid_blend"),
+            (BlendSpec((("alpha", 1.0), ("gamma", 1.0)), "bogus"), "invalid_blend"),
+            (BlendSpec((("alpha", 1.0), ("gamma", 1.0)), "ties"), "invalid_blend"),   # density missing
+        ]:
+            with pytest.raises(InvalidAdapter) as e:
+                await reg.create_blend("bad", bad_spec)
+            assert e.value.code == code
+        assert (await reg.create_blend("cat", BlendSpec((("alpha", 1.0), ("beta", 1.0)), "cat")))[1]
+        assert not list((store / ".loraplex").glob(".staging-*"))
+    run(main())
+
+
+def test_per_request_mix(store):
+    reg, eng = make(store)
+
+    async def main():
+        await reg.register("alpha", "alpha")
+        await reg.register("beta", "beta")
+        lease = await reg.acquire("base-x", [("alpha", 0.5), ("beta", 0.5)])
+        assert lease.adapter.startswith("~mix-") and lease.adapter in eng.adapters
+        assert reg.get("alpha").inflight == 1 and reg.get("beta").inflight == 1
+        assert [e.name for e in reg.entries()] == ["alpha", "beta"]             # a mix is not listed
+        reg.release(lease)
+        assert reg.get("alpha").inflight == 0
+        again = await reg.acquire("base-x", [("alpha", 0.5), ("beta", 0.5)])
+        assert again.adapter == lease.adapter and len(eng.blends) == 1          # built once, reused
+        reg.release(again)
+        with pytest.raises(InvalidRequest):
+            await reg.acquire("alpha", [("beta", 1.0)])                          # mixes sit on the base
+        with pytest.raises(InvalidRequest):
+            await reg.acquire("base-x", [("nope", 1.0)])
+    run(main())
+
+
+def test_state_survives_restart(store):
+    reg, eng = make(store, capacity=3)
+
+    async def first():
+        await reg.register("alpha", "alpha", pinned=True)
+        await reg.register("gamma", "gamma")
+        await reg.create_blend("b1", BlendSpec((("alpha", 0.5), ("gamma", 0.5)), "linear"))
+        return [(e.name, e.kind, e.pinned, e.created) for e in reg.entries()]
+    before = run(first())
+    # beta and delta sit in the store but were never registered: a restart with a
+    # scan picks them up; unregistering one keeps it out.
+    reg2, eng2 = make(store, capacity=3)
+    run(reg2.start())
+    names = [e.name for e in reg2.entries()]
+    assert names[:3] == ["alpha", "gamma", "b1"] and set(names[3:]) == {"beta", "delta"}
+    assert [(e.name, e.kind, e.pinned, e.created) for e in reg2.entries()][:3] == before
+    assert eng2.loads[0] == "alpha"                        # pinned first
+
+    async def drop():
+        await reg2.unregister("delta")
+    run(drop())
+    reg3, _ = make(store, capacity=3)
+    run(reg3.start())
+    assert [e.name for e in reg3.entries()] == ["alpha", "gamma", "b1", "beta"]
+    assert reg3.get("b1").recipe == BlendSpec((("alpha", 0.5), ("gamma", 0.5)), "linear")
+
+
+def test_corrupt_state_is_set_aside(store):
+    home = store / ".loraplex"
+    home.mkdir()
+    (home / "state.json").write_text("{half a fil")
+    (home / ".staging-x-1").mkdir()
+    reg, _ = make(store)
+    run(reg.start())
+    assert {e.name for e in reg.entries()} == {"alpha", "beta", "gamma", "delta"}
+    assert len(list(home.glob("state.json.corrupt-*"))) == 1
+    assert json.loads((home / "state.json").read_text())["version"] == 1
+    assert not (home / ".staging-x-1").exists()

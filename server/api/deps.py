@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Config
 from ..engine.protocol import Engine
-from ..errors import NotReady, Unauthorized
+from ..errors import Forbidden, NotReady, Unauthorized
 from ..registry import Registry
 from .errors import body as error_body
 
@@ -30,6 +30,7 @@ class AppState:
     engine: Engine
     registry: Registry
     api_keys: list[str]
+    admin_token: str = ""
     started_at: int = field(default_factory=lambda: int(time.time()))
     adapters_ready: bool = False    # the store has been scanned at start-up
     load_error: str | None = None
@@ -64,6 +65,31 @@ def require_inference(request: Request) -> AppState:
         token = bearer(request)
         if token is None or not _matches(token, state.api_keys):
             raise Unauthorized("a valid API key is required: Authorization: Bearer KEY", code="invalid_api_key")
+    if not state.ready:
+        raise NotReady("the model is loading or the server is shutting down", code="not_ready")
+    return state
+
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def require_admin(request: Request) -> AppState:
+    """Dependency of every admin route: the admin token, or (with none configured) a loopback client."""
+    state = get_state(request)
+    token = bearer(request)
+    if state.admin_token:
+        if token is not None and _matches(token, [state.admin_token]):
+            pass
+        elif token is not None and state.api_keys and _matches(token, state.api_keys):
+            raise Forbidden("an inference API key cannot use admin routes", code="admin_only")
+        else:
+            raise Unauthorized("the admin token is required: Authorization: Bearer ADMIN_TOKEN",
+                               code="invalid_admin_token")
+    else:
+        host = request.client.host if request.client else ""
+        if host not in LOOPBACK and not host.startswith("127."):
+            raise Forbidden("no admin token is configured, so admin routes answer loopback clients only",
+                            code="admin_loopback_only")
     if not state.ready:
         raise NotReady("the model is loading or the server is shutting down", code="not_ready")
     return state

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from ..engine.types import GenerationEvent
+from ..registry import Lease
 from .convert import (ChoiceAccumulator, Plan, chat_logprobs, completion_logprobs, log_ignored, plan_chat,
                       plan_completion, usage)
 from .deps import AppState, get_state, require_inference
@@ -50,8 +51,8 @@ async def list_models(state: AppState = Depends(require_inference)):
     data = [{"id": base, "object": "model", "created": state.started_at, "owned_by": "loraplex",
              "parent": None, "root": base}]
     for e in state.registry.entries():
-        data.append({"id": e.name, "object": "model", "created": int(e.loaded_at), "owned_by": "loraplex",
-                     "parent": base, "root": str(e.info.folder)})
+        data.append({"id": e.name, "object": "model", "created": int(e.created), "owned_by": "loraplex",
+                     "parent": base, "root": str(e.path)})
     return {"object": "list", "data": data}
 
 
@@ -101,52 +102,58 @@ async def _collect(request: Request, state: AppState, plan: Plan,
 
 
 def _stream(state: AppState, plan: Plan, chunks: Callable, model: str, include_usage: bool,
-            streams: list[AsyncIterator[GenerationEvent]]) -> EventSourceResponse:
+            streams: list[AsyncIterator[GenerationEvent]], lease: Lease) -> EventSourceResponse:
     async def events() -> AsyncIterator[str]:
         try:
             async for data in chunks(plan.id, model, streams, plan.prompt_tokens, include_usage):
                 yield data
         finally:
             _abort_all(state, plan)  # no-op for finished requests; stops the rest
+            state.registry.release(lease)
     return EventSourceResponse(events(), ping=15)
+
+
+async def _run(request: Request, state: AppState, body, planner: Callable, chunks: Callable, route: str):
+    """The shared flow of both routes; returns the stream response or the accumulated choices."""
+    log_ignored(body, route)
+    mix = [(a.name, a.weight) for a in body.adapters] if body.adapters else None
+    lease = await state.registry.acquire(body.model, mix)
+    streaming = False
+    try:
+        plan = planner(body, state.engine.tokenizer, state.engine.context_length, state.config.server,
+                       lease.adapter)
+        streams = _submit(state, plan)
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            streaming = True  # from here the stream's own `finally` releases the lease
+            return plan, _stream(state, plan, chunks, body.model, include, streams, lease)
+        return plan, await _collect(request, state, plan, streams)
+    finally:
+        if not streaming:
+            state.registry.release(lease)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: AppState = Depends(require_inference)):
-    log_ignored(body, "/v1/completions")
-    adapter = state.registry.resolve(body.model)
-    plan = plan_completion(body, state.engine.tokenizer, state.engine.context_length, state.config.server, adapter)
-    streams = _submit(state, plan)
-    if body.stream:
-        include = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(state, plan, completion_chunks, body.model, include, streams)
-    acc = await _collect(request, state, plan, streams)
-    if acc is None:
-        return JSONResponse({}, status_code=499)
+    plan, result = await _run(request, state, body, plan_completion, completion_chunks, "/v1/completions")
+    if not isinstance(result, list):
+        return result if result is not None else JSONResponse({}, status_code=499)
     choices = [{"index": i, "text": a.text, "finish_reason": a.finish_reason,
                 "logprobs": completion_logprobs(a.logprobs) if a.logprobs is not None else None}
-               for i, a in enumerate(acc)]
-    return {"id": plan.id, "object": "text_completion", "created": int(time.time()),
-            "model": body.model, "choices": choices,
-            "usage": usage(plan.prompt_tokens, sum(a.completion_tokens for a in acc))}
+               for i, a in enumerate(result)]
+    return {"id": plan.id, "object": "text_completion", "created": int(time.time()), "model": body.model,
+            "choices": choices, "usage": usage(plan.prompt_tokens, sum(a.completion_tokens for a in result))}
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            state: AppState = Depends(require_inference)):
-    log_ignored(body, "/v1/chat/completions")
-    adapter = state.registry.resolve(body.model)
-    plan = plan_chat(body, state.engine.tokenizer, state.engine.context_length, state.config.server, adapter)
-    streams = _submit(state, plan)
-    if body.stream:
-        include = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(state, plan, chat_chunks, body.model, include, streams)
-    acc = await _collect(request, state, plan, streams)
-    if acc is None:
-        return JSONResponse({}, status_code=499)
+    plan, result = await _run(request, state, body, plan_chat, chat_chunks, "/v1/chat/completions")
+    if not isinstance(result, list):
+        return result if result is not None else JSONResponse({}, status_code=499)
     choices = [{"index": i, "message": {"role": "assistant", "content": a.text},
                 "logprobs": chat_logprobs(a.logprobs) if a.logprobs is not None else None,
                 "finish_reason": a.finish_reason}
-               for i, a in enumerate(acc)]
+               for i, a in enumerate(result)]
     return {"id": plan.id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
-            "choices": choices, "usage": usage(plan.prompt_tokens, sum(a.completion_tokens for a in acc))}
+            "choices": choices, "usage": usage(plan.prompt_tokens, sum(a.completion_tokens for a in result))}

@@ -24,6 +24,11 @@ class StreamOptions(_Wire):
     include_usage: bool = False
 
 
+class AdapterWeight(_Wire):
+    name: str
+    weight: Float
+
+
 class SamplingFields(_Wire):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -42,6 +47,8 @@ class SamplingFields(_Wire):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     repetition_penalty: Float = Field(1.0, gt=0.0, le=10.0)
+    # loraplex extension: a per-request linear blend of loaded adapters (model = the base id)
+    adapters: list[AdapterWeight] | None = Field(None, min_length=1, max_length=8)
 
 
 PromptField = Union[str, list[str], list[int], list[list[int]]]

@@ -14,11 +14,13 @@ The default reply names the adapter and echoes the end of the prompt:
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence as Seq
 
-from ..errors import NotReady, Overloaded
-from ..lora.weights import AdapterInfo, read_adapter
+from ..errors import InvalidAdapter, NotFound, NotReady, Overloaded
+from ..lora.blend import BlendSpec
+from ..lora.weights import AdapterInfo, describe_adapter, read_adapter
 from .sequence import Sequence
 from .types import GenerationEvent, GenerationRequest, TokenLogprob
 
@@ -67,7 +69,9 @@ class FakeEngine:
         self.max_lora_rank = max_lora_rank
         self._tok = ByteTokenizer()
         self._ready = False
-        self.adapters: dict[str, AdapterInfo] = {}
+        self.adapters: dict[str, AdapterInfo] = {}   # in memory, by name
+        self.loads: list[str] = []                    # every load, in order, for tests
+        self.blends: dict[str, BlendSpec] = {}
         self.submitted: list[GenerationRequest] = []   # every request, for tests to inspect
         self.aborted: set[str] = set()
         self.running: set[str] = set()
@@ -96,6 +100,9 @@ class FakeEngine:
     def submit(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if not self._ready:
             raise NotReady("the engine is not serving", code="not_ready")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            # As the real engine would: a request routed to an adapter not in memory is a bug upstream.
+            raise NotFound(f"adapter {request.adapter!r} is not loaded", code="model_not_found")
         if len(self.running) >= self.max_waiting:
             raise Overloaded(f"{len(self.running)} requests running; retry later", retry_after=1, code="queue_full")
         self.submitted.append(request)
@@ -140,9 +147,25 @@ class FakeEngine:
                 self.aborted.add(request.request_id)
             self.running.discard(request.request_id)
 
-    async def load_adapter(self, name: str, path: Path) -> AdapterInfo:
-        info = read_adapter(path, max_rank=self.max_lora_rank).info
+    async def load_adapter(self, name: str, path: Path, *, check_rank: bool = True) -> AdapterInfo:
+        info = read_adapter(path, max_rank=self.max_lora_rank if check_rank else 1 << 30).info
         self.adapters[name] = info
+        self.loads.append(name)
+        return info
+
+    async def create_blend(self, name: str, spec: BlendSpec, folder: Path | None) -> AdapterInfo:
+        """A stand-in blend: the first source's files (the fake has no weights to combine)."""
+        missing = [n for n, _ in spec.adapters if n not in self.adapters]
+        if missing:
+            raise InvalidAdapter(f"blend {name!r}: adapters not in memory: {missing}", code="adapter_not_loaded")
+        first = self.adapters[spec.adapters[0][0]]
+        if folder is not None:
+            shutil.copytree(first.folder, folder, ignore=shutil.ignore_patterns("README.md"))
+            info = describe_adapter(folder)
+        else:
+            info = AdapterInfo(Path(), first.rank, first.alpha, first.target_modules, "", 0)
+        self.adapters[name] = info
+        self.blends[name] = spec
         return info
 
     async def unload_adapter(self, name: str) -> None:

@@ -31,7 +31,8 @@ import torch
 
 from ..config import EngineConfig, ModelConfig
 from ..errors import LoraplexError, NotFound, NotReady, Overloaded
-from ..lora.weights import AdapterInfo, read_adapter
+from ..lora.blend import BlendSpec
+from ..lora.weights import AdapterInfo, describe_adapter, read_adapter
 from ..model import LoadedModel, load_model
 from .runner import ModelRunner
 from .sampling import RowState, make_generator, sample
@@ -150,11 +151,20 @@ class TorchEngine:
                 self._aborted.add(request_id)
 
     # -- adapters (run on the engine thread, between steps) ----------------------
-    async def load_adapter(self, name: str, path: Path) -> AdapterInfo:
+    async def load_adapter(self, name: str, path: Path, *, check_rank: bool = True) -> AdapterInfo:
         def work() -> AdapterInfo:
-            files = read_adapter(path, max_rank=self.max_lora_rank)
+            files = read_adapter(path, max_rank=self.max_lora_rank if check_rank else 1 << 30)
             self._runner.add_adapter(name, files)
             return files.info
+        return await self._command(work)
+
+    async def create_blend(self, name: str, spec: BlendSpec, folder: Path | None) -> AdapterInfo:
+        def work() -> AdapterInfo:
+            self._runner.add_blend(name, spec, folder)
+            if folder is not None:
+                return describe_adapter(folder)
+            cfg = self._runner.peft.peft_config[name]
+            return AdapterInfo(Path(), int(cfg.r), float(cfg.lora_alpha), tuple(sorted(cfg.target_modules)), "", 0)
         return await self._command(work)
 
     async def unload_adapter(self, name: str) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
+from ..lora.blend import BlendSpec
+from ..lora.weights import AdapterInfo
 from .types import GenerationEvent, GenerationRequest
 
 
@@ -61,8 +63,13 @@ class Engine(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
-    async def load_adapter(self, name: str, path: Path) -> None:
-        """Load a validated PEFT folder into the model under `name`."""
+    async def load_adapter(self, name: str, path: Path, *, check_rank: bool = True) -> AdapterInfo:
+        """Validate a PEFT folder and attach it to the model under `name`.
+        Raises InvalidAdapter (nothing attached) when it is refused."""
+        ...
+
+    async def create_blend(self, name: str, spec: BlendSpec, folder: Path | None) -> AdapterInfo:
+        """Blend attached adapters into a new one named `name`; write it to `folder` if given."""
         ...
 
     async def unload_adapter(self, name: str) -> None: ...

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..errors import InvalidAdapter
+from ..lora.blend import BlendSpec, build, write_folder
 from ..lora.fit import check_fits
 from ..lora.weights import AdapterFiles
 from ..model import LoadedModel
@@ -97,6 +99,22 @@ class ModelRunner:
         elif name in self.peft.peft_config:
             self.peft.delete_adapter(name)
             self._active = None  # PEFT picks another active adapter on delete
+
+    def add_blend(self, name: str, spec: BlendSpec, folder: Path | None) -> None:
+        """Build a blend of attached adapters (PEFT add_weighted_adapter); write it to `folder` if given."""
+        missing = [n for n, _ in spec.adapters if n not in self.adapters]
+        if self.peft is None or missing:
+            raise InvalidAdapter(f"blend {name!r}: adapters not in memory: {missing}", code="adapter_not_loaded")
+        self._set_layers(enabled=True)
+        build(self.peft, name, spec)
+        self._active = None
+        self.adapters.add(name)
+        if folder is not None:
+            try:
+                write_folder(self.peft, name, folder)
+            except BaseException:
+                self.remove_adapter(name)
+                raise
 
     def remove_adapter(self, name: str) -> None:
         if name in self.adapters:

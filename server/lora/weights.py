@@ -52,6 +52,29 @@ def _hash_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def describe_adapter(folder: Path) -> AdapterInfo:
+    """What the registry lists for an adapter not (yet) in memory: config and file identity only.
+    Full validation happens when it is loaded (`read_adapter`)."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    try:
+        raw = json.loads(cfg_path.read_text())
+        targets = raw.get("target_modules") or ()
+        target_tuple = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
+        return AdapterInfo(folder.resolve(), int(raw["r"]), float(raw.get("lora_alpha", raw["r"])), target_tuple,
+                           _hash_files([cfg_path, w_path]), cfg_path.stat().st_size + w_path.stat().st_size)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidAdapter(f"{folder}: unreadable adapter ({e})", code="invalid_config") from None
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over config and weights: the adapter's identity for idempotent loads."""
+    try:
+        return _hash_files([Path(folder) / CONFIG_FILE, Path(folder) / WEIGHTS_FILE])
+    except OSError:
+        return ""
+
+
 def read_adapter(folder: Path, *, max_rank: int) -> AdapterFiles:
     """Validate and read a PEFT LoRA folder. Raises InvalidAdapter with the reason."""
     from peft import LoraConfig

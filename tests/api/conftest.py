@@ -18,11 +18,11 @@ def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
 
 
 @pytest.fixture
-def make_client(tiny_store):
+def make_client(store_copy):
     """Build a TestClient over a FakeEngine; keyword args go to FakeEngine, `env` to the config."""
     opened = []
 
-    def make(env: dict | None = None, store=tiny_store, **fake_kwargs):
+    def make(env: dict | None = None, store=store_copy, **fake_kwargs):
         environ = {"LORAPLEX_ADAPTERS__DIR": str(store), **(env or {})}
         engine = FakeEngine(**fake_kwargs)
         app = create_app(load_config(environ=environ), engine=engine)

@@ -8,18 +8,18 @@ from server.engine.fake import FakeEngine
 from fastapi.testclient import TestClient
 
 
-def test_models_lists_base_then_adapters(client, tiny_store):
+def test_models_lists_base_then_adapters(client, store_copy):
     data = client.get("/v1/models").json()["data"]
     assert [m["id"] for m in data] == ["fake-model", "alpha", "beta"]
     base, alpha, _ = data
     assert base["parent"] is None and base["object"] == "model" and base["owned_by"] == "loraplex"
     assert alpha["parent"] == "fake-model"
-    assert alpha["root"] == str((tiny_store / "alpha").resolve())
+    assert alpha["root"] == str((store_copy / "alpha").resolve())
 
 
 def test_store_skips_invalid_folders(make_client, tmp_path, tiny_store):
     import shutil
-    store = tmp_path / "store"
+    store = tmp_path / "other-store"
     shutil.copytree(tiny_store / "alpha", store / "good")
     (store / "pickled").mkdir()
     (store / "pickled" / "adapter_config.json").write_text("{}")

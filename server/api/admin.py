@@ -1,0 +1,115 @@
+"""Admin routes: adapters and blends on a live server, under /admin (and vLLM's aliases).
+
+Owns: the admin wire shapes and their mapping onto the registry's operations;
+every route here sits behind the admin token (see `deps.require_admin`). The
+inference API never changes the registry; only these routes do.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..lora.blend import BlendSpec
+from ..registry import Entry
+from .deps import AppState, require_admin
+
+router = APIRouter()
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoadBody(_Body):
+    name: str
+    path: str
+    pinned: bool = False
+    replace: bool = False
+
+
+class PinBody(_Body):
+    pinned: bool
+
+
+class BlendPart(_Body):
+    name: str
+    weight: float  # NaN and Inf get through the schema on purpose: the blend check answers 422
+
+
+class BlendBody(_Body):
+    name: str
+    adapters: list[BlendPart] = Field(min_length=1, max_length=64)
+    combination_type: str = "linear"
+    density: float | None = None
+    save: bool = False
+
+
+class VllmLoad(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class VllmUnload(BaseModel):
+    lora_name: str
+
+
+def entry_json(e: Entry) -> dict:
+    return {
+        "name": e.name, "kind": e.kind, "path": str(e.path) if e.path else None, "rank": e.info.rank,
+        "alpha": e.info.alpha, "target_modules": list(e.info.target_modules), "size_bytes": e.info.size_bytes,
+        "sha256": e.info.sha256, "pinned": e.pinned, "loaded": e.loaded, "loaded_at": e.loaded_at,
+        "last_used_at": e.last_used_at, "requests_total": e.requests_total, "inflight": e.inflight,
+        "recipe": e.recipe.recipe() if e.recipe else None,
+    }
+
+
+def _answer(entry: Entry, created: bool) -> JSONResponse:
+    return JSONResponse(entry_json(entry), status_code=201 if created else 200)
+
+
+@router.get("/admin/adapters")
+async def list_adapters(state: AppState = Depends(require_admin)):
+    return {"object": "list", "data": [entry_json(e) for e in state.registry.entries()]}
+
+
+@router.get("/admin/adapters/{name}")
+async def get_adapter(name: str, state: AppState = Depends(require_admin)):
+    return entry_json(state.registry.get(name))
+
+
+@router.post("/admin/adapters")
+async def load_adapter(body: LoadBody, state: AppState = Depends(require_admin)):
+    entry, created = await state.registry.register(body.name, body.path, pinned=body.pinned, replace=body.replace)
+    return _answer(entry, created)
+
+
+@router.delete("/admin/adapters/{name}")
+async def unload_adapter(name: str, state: AppState = Depends(require_admin)):
+    entry = await state.registry.unregister(name)
+    return {"name": entry.name, "deleted": True}
+
+
+@router.patch("/admin/adapters/{name}")
+async def pin_adapter(name: str, body: PinBody, state: AppState = Depends(require_admin)):
+    return entry_json(await state.registry.set_pinned(name, body.pinned))
+
+
+@router.post("/admin/blends")
+async def create_blend(body: BlendBody, state: AppState = Depends(require_admin)):
+    spec = BlendSpec(tuple((p.name, p.weight) for p in body.adapters), body.combination_type, body.density)
+    entry, created = await state.registry.create_blend(body.name, spec, save=body.save)
+    return _answer(entry, created)
+
+
+@router.post("/v1/load_lora_adapter")
+async def vllm_load(body: VllmLoad, state: AppState = Depends(require_admin)):
+    entry, created = await state.registry.register(body.lora_name, body.lora_path)
+    return _answer(entry, created)
+
+
+@router.post("/v1/unload_lora_adapter")
+async def vllm_unload(body: VllmUnload, state: AppState = Depends(require_admin)):
+    entry = await state.registry.unregister(body.lora_name)
+    return {"name": entry.name, "deleted": True}

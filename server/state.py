@@ -1,0 +1,103 @@
+"""The registry's state file: which adapters and blends are registered, and their pins.
+
+Owns: the file's format, writing it atomically (temporary file, fsync, rename,
+fsync of the folder: a crash leaves the old file or the new one, never half of
+one), and reading it back, where a corrupt file is set aside under a dated
+name and reported, never a reason to fail start-up. It also owns the hidden
+folders beside it (`.loraplex/` in the store) and clears staging leftovers.
+
+It knows nothing of the engine or of HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("loraplex.state")
+
+VERSION = 1
+
+
+@dataclass
+class Record:
+    name: str
+    kind: str                       # "adapter" | "blend"
+    path: str                       # folder, relative to the store when inside it
+    pinned: bool = False
+    sha256: str = ""
+    recipe: dict[str, Any] | None = None  # blends: {"adapters": [...], "combination_type", "density"}
+    created: int = 0                # registration time (unix seconds)
+
+
+@dataclass
+class State:
+    records: list[Record] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # store folders unregistered on purpose
+
+
+class StateFile:
+    def __init__(self, store: Path):
+        self.store = Path(store)
+        self.home = self.store / ".loraplex"
+        self.path = self.home / "state.json"
+        self.blends = self.home / "blends"
+
+    def staging(self, name: str) -> Path:
+        """A staging folder on the same file system as its target, so rename is atomic."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        return self.home / f".staging-{name}-{os.getpid()}-{time.monotonic_ns()}"
+
+    def clean_staging(self) -> None:
+        for parent in (self.home, self.store):
+            if parent.is_dir():
+                for p in parent.glob(".staging-*"):
+                    shutil.rmtree(p, ignore_errors=True)
+
+    def read(self) -> State | None:
+        """The saved state; None when there is none or it was corrupt (then set aside)."""
+        if not self.path.is_file():
+            return None
+        try:
+            raw = json.loads(self.path.read_text())
+            if raw.get("version") != VERSION:
+                raise ValueError(f"unknown version {raw.get('version')!r}")
+            records = [Record(**r) for r in raw["adapters"]]
+            removed = [str(n) for n in raw.get("removed", [])]
+            return State(records, removed)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            aside = self.path.with_name(f"state.json.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self.path, aside)
+            log.error("state file %s is corrupt (%s); set aside as %s, starting from the store", self.path, e, aside)
+            return None
+
+    def write(self, state: State) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        data = {"version": VERSION, "adapters": [asdict(r) for r in state.records],
+                "removed": sorted(set(state.removed))}
+        tmp = self.path.with_name(f".state.json.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.home, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rel(self, folder: Path) -> str:
+        folder = Path(folder).resolve()
+        root = self.store.resolve()
+        return str(folder.relative_to(root)) if folder == root or root in folder.parents else str(folder)
+
+    def abs(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else self.store / p
