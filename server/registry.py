@@ -219,10 +219,12 @@ class Registry:
                                  code="adapter_capacity")
             # Mixes go first: they are cheap to rebuild and never listed.
             victim = min(idle, key=lambda e: (e.kind != "mix", e.use_seq))
-            await self.engine.unload_adapter(victim.name)
+            # Mark it gone before awaiting the engine: a request that arrives meanwhile must
+            # see it unloaded and queue for a reload, not be routed to weights being freed.
             victim.loaded = False
             if victim.kind == "mix":
                 del self._entries[victim.name]
+            await self.engine.unload_adapter(victim.name)
             log.info("evicted %s (least recently used)", victim.name)
 
     async def _load_into_memory(self, e: Entry) -> None:

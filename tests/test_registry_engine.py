@@ -1,0 +1,204 @@
+"""The registry over the real engine (tiny Llama, fp32): blends equal PEFT's own, per-request mixes,
+eviction churn and unloads while requests run keep every output exact."""
+
+import asyncio
+import shutil
+
+import pytest
+import torch
+
+from server.config import load_config
+from server.engine.loop import TorchEngine
+from server.engine.types import GenerationRequest, SamplingParams
+from server.lora.blend import BlendSpec
+from server.registry import Registry
+from tests.helpers import save_adapter
+
+PROMPT = "the quick brown fox"
+N = 10
+
+
+@pytest.fixture(scope="module")
+def template(tiny_model_dir, tiny_store, tmp_path_factory):
+    store = tmp_path_factory.mktemp("regeng") / "store"
+    shutil.copytree(tiny_store, store)
+    save_adapter(tiny_model_dir, store / "gamma", seed=5, r=4, targets=("q_proj", "v_proj"))
+    save_adapter(tiny_model_dir, store / "delta", seed=6, r=4, targets=("q_proj", "v_proj", "gate_proj"))
+    return store
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tmp_path_factory):
+    cfg = load_config(overrides={"model.model": str(tiny_model_dir), "model.dtype": "float32"})
+    eng = TorchEngine(cfg.model, cfg.engine, cache_dir=tmp_path_factory.mktemp("cache"))
+    eng.start()
+    asyncio.run(eng.wait_ready())
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture
+def fresh(engine, template, tmp_path):
+    """A registry on a private store over the shared engine; the engine is emptied afterwards."""
+    store = tmp_path / "store"
+    shutil.copytree(template, store)
+
+    def make(capacity=16):
+        return Registry(engine, store, capacity=capacity)
+    yield make
+    for name in list(engine._runner.adapters):
+        asyncio.run(engine.unload_adapter(name))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, template):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    base.generation_config.eos_token_id = None
+    peft = PeftModel.from_pretrained(base, template / "alpha", adapter_name="alpha")
+    for name in ("beta", "gamma", "delta"):
+        peft.load_adapter(template / name, adapter_name=name)
+    peft.eval()
+
+    def generate(ids, adapter=None, blend=None):
+        if blend is not None:
+            name, spec = blend
+            if name not in peft.peft_config:
+                torch.manual_seed(0)
+                kw = {"density": spec.density} if spec.density is not None else {}
+                peft.add_weighted_adapter([n for n, _ in spec.adapters], [w for _, w in spec.adapters], name,
+                                          combination_type=spec.combination_type, **kw)
+            adapter = name
+        with torch.no_grad():
+            peft.set_adapter(adapter)
+            out = peft.generate(input_ids=torch.tensor([ids]), max_new_tokens=N, do_sample=False, pad_token_id=0)
+        return out[0, len(ids):].tolist()
+    return generate
+
+
+async def generate(engine, registry, model, mix=None, rid="r", n=N):
+    lease = await registry.acquire(model, mix)
+    try:
+        req = GenerationRequest(rid, engine.tokenizer.encode(PROMPT),
+                                SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), lease.adapter)
+        return [t for ev in [e async for e in engine.submit(req)] for t in ev.token_ids]
+    finally:
+        registry.release(lease)
+
+
+BLENDS = [
+    BlendSpec((("alpha", 0.7), ("gamma", 0.3)), "linear"),
+    BlendSpec((("alpha", 1.0), ("beta", -0.5)), "cat"),
+    BlendSpec((("alpha", 0.5), ("beta", 0.5)), "svd"),
+    BlendSpec((("alpha", 0.6), ("gamma", 0.6), ("delta", 0.4)), "ties", 0.5),
+    BlendSpec((("gamma", 0.5), ("delta", 0.5)), "dare_linear", 0.7),
+    BlendSpec((("alpha", 0.5), ("gamma", 0.5)), "magnitude_prune", 0.6),
+]
+
+
+@pytest.mark.parametrize("spec", BLENDS, ids=[b.combination_type for b in BLENDS])
+def test_blend_equals_peft_add_weighted_adapter(engine, fresh, reference, spec):
+    reg = fresh()
+    name = f"blend-{spec.combination_type}"
+
+    async def main():
+        for src, _ in spec.adapters:
+            await reg.register(src, src)
+        await reg.create_blend(name, spec)
+        return await generate(engine, reg, name)
+    served = asyncio.run(main())
+    ids = engine.tokenizer.encode(PROMPT)
+    assert served == reference(ids, blend=(f"ref-{spec.combination_type}", spec))
+    assert served != reference(ids, adapter=spec.adapters[0][0])
+
+
+def test_per_request_mix_equals_peft_cat(engine, fresh, reference):
+    reg = fresh()
+    mix = [("alpha", 0.7), ("beta", 0.3)]
+
+    async def main():
+        await reg.register("alpha", "alpha")
+        await reg.register("beta", "beta")
+        return await generate(engine, reg, engine.model_id, mix)
+    served = asyncio.run(main())
+    ref = reference(engine.tokenizer.encode(PROMPT), blend=("ref-mix", BlendSpec(tuple(mix), "cat")))
+    assert served == ref
+
+
+def test_eviction_churn_keeps_outputs_exact(engine, fresh):
+    names = ["alpha", "beta", "gamma", "delta"]
+
+    async def solo():
+        reg = fresh(capacity=16)
+        for n in names:
+            await reg.register(n, n)
+        out = {n: await generate(engine, reg, n, rid=f"solo-{n}") for n in names}
+        for n in names:
+            await reg.unregister(n)
+        return out
+    expected = asyncio.run(solo())
+    assert len({tuple(v) for v in expected.values()}) == 4
+
+    async def churn():
+        reg = fresh(capacity=2)
+        for n in names:
+            await reg.register(n, n)          # only two stay in memory
+        jobs = [generate(engine, reg, names[i % 4], rid=f"churn-{i}") for i in range(12)]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        return reg, results
+    reg, results = asyncio.run(churn())
+    for i, r in enumerate(results):
+        if isinstance(r, Exception):
+            assert type(r).__name__ == "Overloaded", r  # all slots busy: a clean 429, never a wrong answer
+        else:
+            assert r == expected[names[i % 4]]
+    assert sum(not isinstance(r, Exception) for r in results) >= 6
+    assert sum(e.loaded for e in reg._entries.values()) <= 2
+
+
+def test_unload_while_eight_streams_run(engine, fresh):
+    reg = fresh()
+
+    async def main():
+        await reg.register("alpha", "alpha")
+        expected = await generate(engine, reg, "alpha", rid="ref", n=40)
+        streams = [asyncio.create_task(generate(engine, reg, "alpha", rid=f"s{i}", n=40)) for i in range(8)]
+        await asyncio.sleep(0.05)
+        unload = asyncio.create_task(reg.unregister("alpha"))
+        await asyncio.sleep(0)
+        with pytest.raises(Exception) as e:
+            await reg.acquire("alpha")
+        assert type(e.value).__name__ == "NotFound"
+        outs = await asyncio.gather(*streams)
+        await unload
+        return expected, outs
+    expected, outs = asyncio.run(main())
+    assert all(o == expected for o in outs)
+    assert "alpha" not in engine._runner.adapters
+
+
+def test_blend_survives_eviction_and_restart(engine, fresh):
+    spec = BlendSpec((("alpha", 0.7), ("gamma", 0.3)), "linear")
+
+    async def first():
+        reg = fresh(capacity=3)
+        await reg.register("alpha", "alpha")
+        await reg.register("gamma", "gamma")
+        await reg.create_blend("b", spec)
+        before = await generate(engine, reg, "b")
+        await reg.register("beta", "beta")
+        await reg.register("delta", "delta")   # evicts two LRU entries, among them the blend or its sources
+        after_reload = await generate(engine, reg, "b")
+        return reg, before, after_reload
+    reg, before, after = asyncio.run(first())
+    assert before == after
+    for name in list(engine._runner.adapters):
+        asyncio.run(engine.unload_adapter(name))
+
+    async def restart():
+        reg2 = Registry(engine, reg.store, capacity=3)
+        await reg2.start()
+        return await generate(engine, reg2, "b")
+    assert asyncio.run(restart()) == before
