@@ -157,11 +157,12 @@ class Registry:
             raise
         return lease
 
-    async def _take(self, e: Entry, lease: Lease) -> None:
+    async def _take(self, e: Entry, lease: Lease, *, request: bool = True) -> None:
+        """Hold `e` for the lease (loading it if evicted). `request`: count it as a client request."""
         # Count the lease first, with no await before it: from here on `e` cannot be evicted.
         e.inflight += 1
         e.idle.clear()
-        e.requests_total += 1
+        e.requests_total += request
         self._touch(e)
         lease.entries.append(e)
         if not e.loaded:
@@ -329,7 +330,7 @@ class Registry:
         lease = Lease(None)
         try:
             for src, _ in spec.adapters:
-                await self._take(self._entries[src], lease)
+                await self._take(self._entries[src], lease, request=False)
             async with self._lock:
                 if name in self._entries:
                     raise Conflict(f"{name!r} was registered concurrently", param="name", code="adapter_exists")

@@ -202,3 +202,44 @@ def test_blend_survives_eviction_and_restart(engine, fresh):
         await reg2.start()
         return await generate(engine, reg2, "b")
     assert asyncio.run(restart()) == before
+
+
+def test_adapter_for_another_base_is_refused_without_trace(engine, fresh, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from server.errors import InvalidAdapter
+
+    cfg = LlamaConfig(vocab_size=engine.tokenizer.vocab_size, hidden_size=96, intermediate_size=160,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "wide-base")
+    reg = fresh()
+    save_adapter(tmp_path / "wide-base", reg.store / "wide")
+
+    async def main():
+        with pytest.raises(InvalidAdapter) as e:
+            await reg.register("wide", "wide")
+        assert e.value.code == "wrong_base" and "needs" in e.value.message
+        assert reg.entries() == [] and "wide" not in engine._runner.adapters
+        await reg.register("alpha", "alpha")            # and the next load works
+    asyncio.run(main())
+
+
+def test_adapter_missing_some_tensors_is_refused(engine, fresh):
+    from safetensors.torch import load_file, save_file
+
+    from server.errors import InvalidAdapter
+
+    reg = fresh()
+    shutil.copytree(reg.store / "alpha", reg.store / "partial")
+    w = reg.store / "partial" / "adapter_model.safetensors"
+    tensors = load_file(w)
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file(tensors, w)
+
+    async def main():
+        with pytest.raises(InvalidAdapter) as e:
+            await reg.register("partial", "partial")
+        assert e.value.code == "invalid_weights" and "missing" in e.value.message
+        assert "partial" not in engine._runner.adapters
+    asyncio.run(main())

@@ -67,6 +67,7 @@ class ModelRunner:
             check_fits(name, self.base, files.tensors, files.info.rank)
         first = self.peft is None
         try:
+            # (PEFT's low_cpu_mem_usage=True skips the random init but measured no faster here.)
             if first:
                 self.peft = get_peft_model(self.base, files.config, adapter_name=name)
                 self._active, self._layers_enabled = name, True
@@ -75,6 +76,10 @@ class ModelRunner:
                 self.peft.add_adapter(name, files.config)
                 self._active = None  # whatever PEFT made active, the next single-adapter batch sets it
             result = set_peft_model_state_dict(self.peft, files.tensors, adapter_name=name)
+            missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+            if missing:  # such a layer would keep PEFT's random init: a silently wrong adapter
+                raise InvalidAdapter(f"adapter {name!r}: {len(missing)} LoRA tensors missing from the file "
+                                     f"(first: {missing[0]})", code="invalid_weights")
             unexpected = [k for k in result.unexpected_keys if "lora_" in k]
             if unexpected:
                 raise InvalidAdapter(f"adapter {name!r}: {len(unexpected)} tensors match no layer of the base "
