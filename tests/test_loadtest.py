@@ -20,7 +20,7 @@ def test_summary_counts_only_successes():
 def test_run_against_live_server(live):  # noqa: F811
     from loadtest.run import main
 
-    url, _ = live
+    url, _, _ = live
     s = main(["--url", url, "--models", "fake-model", "--concurrency", "2", "--requests", "4",
               "--max-tokens", "5"])
     assert s["errors"] == 0 and s["output_tokens"] == 20

@@ -1,6 +1,7 @@
 """Loading the base: sources, device and dtype choices with reasons, bitsandbytes, GGUF."""
 
 import asyncio
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -52,20 +53,26 @@ def generate(engine, adapter, prompt="hello world", n=8):
     return asyncio.run(go())
 
 
-@pytest.mark.parametrize("quant,layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
-def test_quantized_base_serves_with_adapters(tiny_model_dir, tiny_store, tmp_path, quant, layer):
-    cfg = load_config(overrides={"model.model": str(tiny_model_dir), "model.quantization": quant})
-    engine = TorchEngine(cfg.model, cfg.engine, cache_dir=tmp_path)
+@contextmanager
+def running_engine(model_dir, cache, **overrides):
+    cfg = load_config(overrides={"model.model": str(model_dir), **overrides})
+    engine = TorchEngine(cfg.model, cfg.engine, cache_dir=cache)
     engine.start()
     try:
         asyncio.run(engine.wait_ready())
+        yield engine
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("quant,layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_quantized_base_serves_with_adapters(tiny_model_dir, tiny_store, tmp_path, quant, layer):
+    with running_engine(tiny_model_dir, tmp_path, **{"model.quantization": quant}) as engine:
         asyncio.run(engine.load_adapter("alpha", tiny_store / "alpha"))
         q_proj = engine._runner.base.model.layers[0].self_attn.q_proj
         assert type(q_proj).__name__ == layer  # PEFT's bnb LoRA layer over the quantized weight
         base, tuned = generate(engine, None), generate(engine, "alpha")
         assert len(base) == len(tuned) == 8 and base != tuned
-    finally:
-        engine.shutdown()
 
 
 def test_adapter_for_another_base_is_refused_without_trace(tiny_model_dir, tiny_store, tmp_path):
@@ -81,11 +88,7 @@ def test_adapter_for_another_base_is_refused_without_trace(tiny_model_dir, tiny_
     LlamaForCausalLM(cfg).save_pretrained(other)
     save_adapter(other, tmp_path / "wide")
 
-    c = load_config(overrides={"model.model": str(tiny_model_dir), "model.dtype": "float32"})
-    engine = TorchEngine(c.model, c.engine, cache_dir=tmp_path)
-    engine.start()
-    try:
-        asyncio.run(engine.wait_ready())
+    with running_engine(tiny_model_dir, tmp_path, **{"model.dtype": "float32"}) as engine:
         before = generate(engine, None)
         with pytest.raises(InvalidAdapter) as e:
             asyncio.run(engine.load_adapter("wide", tmp_path / "wide"))
@@ -94,16 +97,10 @@ def test_adapter_for_another_base_is_refused_without_trace(tiny_model_dir, tiny_
         assert generate(engine, None) == before
         asyncio.run(engine.load_adapter("alpha", tiny_store / "alpha"))  # the engine still takes good ones
         assert generate(engine, "alpha") != before
-    finally:
-        engine.shutdown()
 
 
 def test_removing_the_last_adapter_restores_the_plain_base(tiny_model_dir, tiny_store, tmp_path):
-    c = load_config(overrides={"model.model": str(tiny_model_dir), "model.dtype": "float32"})
-    engine = TorchEngine(c.model, c.engine, cache_dir=tmp_path)
-    engine.start()
-    try:
-        asyncio.run(engine.wait_ready())
+    with running_engine(tiny_model_dir, tmp_path, **{"model.dtype": "float32"}) as engine:
         before = generate(engine, None)
         asyncio.run(engine.load_adapter("alpha", tiny_store / "alpha"))
         assert engine._runner.peft is not None
@@ -112,5 +109,3 @@ def test_removing_the_last_adapter_restores_the_plain_base(tiny_model_dir, tiny_
         q_proj = engine._runner.base.model.layers[0].self_attn.q_proj
         assert type(q_proj).__name__ == "Linear"
         assert generate(engine, None) == before
-    finally:
-        engine.shutdown()

@@ -14,9 +14,9 @@ from tests.helpers import free_port
 
 
 @pytest.fixture
-def live(tmp_path):
+def live(store_copy):
     engine = FakeEngine(token_delay=0.02)
-    app = create_app(load_config(environ={"LORAPLEX_ADAPTERS__DIR": str(tmp_path)}), engine=engine)
+    app = create_app(load_config(environ={"LORAPLEX_ADAPTERS__DIR": str(store_copy)}), engine=engine)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -29,7 +29,7 @@ def live(tmp_path):
                 break
         except httpx.HTTPError:
             time.sleep(0.05)
-    yield url, engine
+    yield url, engine, app.state.loraplex.registry
     server.should_exit = True
     thread.join(10)
 
@@ -47,7 +47,7 @@ PAYLOAD = {"model": "fake-model", "prompt": "x", "max_tokens": 400, "ignore_eos"
 
 
 def test_stream_disconnect_aborts(live):
-    url, engine = live
+    url, engine, _ = live
     with httpx.stream("POST", url + "/v1/completions", json={**PAYLOAD, "stream": True}) as r:
         assert r.status_code == 200
         for i, _ in enumerate(r.iter_lines()):
@@ -58,7 +58,7 @@ def test_stream_disconnect_aborts(live):
 
 
 def test_non_stream_disconnect_aborts(live):
-    url, engine = live
+    url, engine, _ = live
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/completions", json=PAYLOAD, timeout=0.5)
     assert wait_for(lambda: not engine.running), "generation kept running after the client left"
@@ -69,7 +69,7 @@ def test_non_stream_disconnect_aborts(live):
 
 
 def test_stream_n_disconnect_aborts_every_choice(live):
-    url, engine = live
+    url, engine, _ = live
     with httpx.stream("POST", url + "/v1/chat/completions",
                       json={**{k: v for k, v in PAYLOAD.items() if k != "prompt"}, "n": 3, "stream": True,
                             "messages": [{"role": "user", "content": "x"}]}) as r:
@@ -78,3 +78,19 @@ def test_stream_n_disconnect_aborts_every_choice(live):
                 break
     assert wait_for(lambda: not engine.running)
     assert len(engine.aborted) == 3
+
+
+def test_in_flight_counts_exact_after_disconnects_and_n(live):
+    url, engine, reg = live
+    body = {**PAYLOAD, "model": "alpha", "n": 3}
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 6:
+                break
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body, timeout=0.5)
+    r = httpx.post(url + "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 5, "n": 2})
+    assert r.status_code == 200
+    entry = reg.get("alpha")
+    assert wait_for(lambda: entry.inflight == 0), entry.inflight
+    assert entry.requests_total == 3     # one per HTTP request, whatever n
