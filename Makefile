@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint clean
+.PHONY: setup serve test promtool clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,14 @@ $(STAMP): pyproject.toml
 serve: setup
 	$(BIN)/loraplex serve --config config.toml
 
-test: setup
+test: setup promtool
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# promtool (from Debian's prometheus package) checks the /metrics exposition in the tests.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+		echo "installing Debian's prometheus package for promtool"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

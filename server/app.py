@@ -18,21 +18,40 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .config import Config
+from .metrics import Metrics
 from .engine.protocol import Engine
 from .registry import Registry
 from .api import errors as api_errors
-from .api.deps import AppState, BodyLimitMiddleware
+from .api.deps import AppState, BodyLimitMiddleware, RequestIdMiddleware
 from .api.admin import router as admin_router
 from .api.openai import router as openai_router
+from .api.ops import router as ops_router
 
 log = logging.getLogger("loraplex.app")
 
 
-def build_engine(config: Config) -> Engine:
+def build_engine(config: Config, metrics: Metrics) -> Engine:
     from .engine.loop import TorchEngine  # torch is imported only when a real engine is wanted
 
     return TorchEngine(config.model, config.engine, cache_dir=config.path(config.model.cache_dir),
-                       max_lora_rank=config.adapters.max_lora_rank)
+                       max_lora_rank=config.adapters.max_lora_rank, on_step=metrics.engine_step)
+
+
+def _state_gauges(metrics: Metrics, engine: Engine, registry: Registry) -> None:
+    def count(key: str):
+        return lambda: registry.counts()[key]
+    metrics.gauge("loraplex_requests_running", "Requests in the engine's running batch",
+                  lambda: engine.stats().running)
+    metrics.gauge("loraplex_requests_waiting", "Requests waiting for a place in a batch",
+                  lambda: engine.stats().waiting)
+    metrics.gauge("loraplex_kv_cache_tokens", "Token positions held in the KV cache (padding included)",
+                  lambda: engine.stats().kv_cache_tokens)
+    metrics.gauge("loraplex_gpu_memory_allocated_bytes", "GPU memory allocated by torch",
+                  lambda: engine.stats().gpu_memory_bytes)
+    metrics.gauge("loraplex_adapters_registered", "Adapters and blends registered", count("registered"))
+    metrics.gauge("loraplex_adapters_loaded", "Adapters, blends and per-request mixes in memory", count("loaded"))
+    metrics.gauge("loraplex_adapters_pinned", "Adapters pinned in memory", count("pinned"))
+    metrics.gauge("loraplex_blends_registered", "Named blends registered", count("blends"))
 
 
 async def _warm_up(state: AppState, exit_on_failure: bool) -> None:
@@ -51,11 +70,13 @@ async def _warm_up(state: AppState, exit_on_failure: bool) -> None:
 
 
 def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_failure: bool = False) -> FastAPI:
-    engine = engine if engine is not None else build_engine(config)
+    metrics = Metrics()
+    engine = engine if engine is not None else build_engine(config, metrics)
     registry = Registry(engine, config.path(config.adapters.dir), capacity=config.adapters.max_loaded_adapters,
-                        roots=[config.path(r) for r in config.adapters.roots])
+                        roots=[config.path(r) for r in config.adapters.roots], observer=metrics)
+    _state_gauges(metrics, engine, registry)
     state = AppState(config=config, engine=engine, registry=registry, api_keys=config.api_keys(),
-                     admin_token=config.admin_token())
+                     metrics=metrics, admin_token=config.admin_token())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -71,7 +92,9 @@ def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_fai
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.loraplex = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
     api_errors.install(app)
+    app.include_router(ops_router)
     app.include_router(openai_router)
     app.include_router(admin_router)
     return app

@@ -9,7 +9,6 @@ and blending join this table with their issues.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import ConfigError
+from .logs import setup_logging
 
 
 def _config_path(arg: str | None) -> Path | None:
@@ -36,12 +36,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "server.host": args.host, "server.port": args.port, "model.model": args.model,
         "model.dtype": args.dtype, "model.quantization": args.quantization,
         "model.attn_implementation": args.attn_implementation, "model.device": args.device,
-        "adapters.dir": args.adapters_dir,
+        "adapters.dir": args.adapters_dir, "server.log_format": args.log_format,
     }
     cfg = load_config(_config_path(args.config), environ=os.environ, overrides=overrides)
     if args.model and not Path(args.model).is_absolute() and args.model != "default":
         cfg.model.model = str(Path(args.model).resolve())  # a flag's path is relative to where it was typed
-    logging.getLogger().setLevel(cfg.server.log_level.upper())
+    setup_logging(cfg.server.log_level, cfg.server.log_format)
     check_source(cfg.model)  # a wrong --model fails here, not after the server is up
     app = create_app(cfg, exit_on_load_failure=True)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler
@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # shutdown came from a failed start-up (the model did not load).
     state = app.state.loraplex
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1 if state.load_error else 0))
-    uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
+    uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level, log_config=None,
                 timeout_graceful_shutdown=30)
     return 0
 
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"])
     s.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--adapters-dir", help="the adapter store folder")
+    s.add_argument("--log-format", choices=["text", "json"])
     return p
 
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("info")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

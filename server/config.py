@@ -39,6 +39,7 @@ class ServerConfig:
     admin_token: str = ""
     admin_token_file: str = ""
     log_level: str = "info"
+    log_format: str = "text"        # text | json (one object per line)
     max_body_bytes: int = 1_048_576
     # Caps checked before any model work.
     max_tokens: int = 4096          # largest max_tokens a request may ask for
@@ -121,6 +122,7 @@ _CHOICES = {
     ("model", "quantization"): {"none", "nf4", "fp4", "int8"},
     ("model", "attn_implementation"): {"sdpa", "eager", "flash_attention_2"},
     ("server", "log_level"): {"debug", "info", "warning", "error"},
+    ("server", "log_format"): {"text", "json"},
 }
 
 

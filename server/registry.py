@@ -75,6 +75,18 @@ class Lease:
     released: bool = False
 
 
+class Observer:
+    """What the registry reports (the app's metrics implement it); the default ignores it all."""
+
+    def adapter_loaded(self, result: str, seconds: float | None = None) -> None: ...
+
+    def adapter_evicted(self) -> None: ...
+
+    def blend_created(self) -> None: ...
+
+    def adapter_forgotten(self, name: str) -> None: ...
+
+
 def check_name(name: object, param: str = "name") -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise InvalidRequest(
@@ -84,8 +96,10 @@ def check_name(name: object, param: str = "name") -> str:
 
 
 class Registry:
-    def __init__(self, engine: Engine, store: Path, *, capacity: int = 16, roots: list[Path] | None = None):
+    def __init__(self, engine: Engine, store: Path, *, capacity: int = 16, roots: list[Path] | None = None,
+                 observer: Observer | None = None):
         self.engine = engine
+        self.observer = observer or Observer()
         self.store = Path(store)
         self.capacity = capacity
         self.roots = [self.store.resolve()] + [Path(r).resolve() for r in roots or []]
@@ -126,6 +140,12 @@ class Registry:
 
     def entries(self) -> list[Entry]:
         return [e for e in self._entries.values() if not e.draining and e.kind != "mix"]
+
+    def counts(self) -> dict[str, int]:
+        """For the metrics: registered (adapters and blends), in memory (mixes too), pinned, blends."""
+        listed = self.entries()
+        return {"registered": len(listed), "loaded": self._loaded_count(),
+                "pinned": sum(e.pinned for e in listed), "blends": sum(e.kind == "blend" for e in listed)}
 
     def _adapter_name(self, model: str) -> str | None:
         base = self.base_id
@@ -215,6 +235,7 @@ class Registry:
             if not idle:
                 busy = sum(1 for e in self._entries.values() if e.loaded and e.inflight)
                 pinned = sum(1 for e in self._entries.values() if e.loaded and e.pinned)
+                self.observer.adapter_loaded("overloaded")
                 raise Overloaded(f"all {self.capacity} adapter slots (adapters.max_loaded_adapters) are taken: "
                                  f"{busy} serving requests, {pinned} pinned; retry later", retry_after=1,
                                  code="adapter_capacity")
@@ -226,13 +247,19 @@ class Registry:
             if victim.kind == "mix":
                 del self._entries[victim.name]
             await self.engine.unload_adapter(victim.name)
+            self.observer.adapter_evicted()
             log.info("evicted %s (least recently used)", victim.name)
 
     async def _load_into_memory(self, e: Entry) -> None:
         """Call with _lock held."""
         await self._make_room()
         t0 = time.perf_counter()
-        e.info = await self.engine.load_adapter(e.name, e.path, check_rank=e.kind == "adapter")
+        try:
+            e.info = await self.engine.load_adapter(e.name, e.path, check_rank=e.kind == "adapter")
+        except InvalidAdapter:
+            self.observer.adapter_loaded("invalid")
+            raise
+        self.observer.adapter_loaded("ok", time.perf_counter() - t0)
         e.loaded, e.loaded_at = True, time.time()
         self._seq += 1
         e.use_seq = max(e.use_seq, self._seq)  # just loaded counts as just used
@@ -289,6 +316,7 @@ class Registry:
             if e.kind == "blend" and e.path is not None and self.state.blends in e.path.parents:
                 shutil.rmtree(e.path, ignore_errors=True)
             self._save()
+        self.observer.adapter_forgotten(name)
         log.info("unregistered %s", name)
         return e
 
@@ -352,6 +380,7 @@ class Registry:
                 self._save()
         finally:
             self.release(lease)
+        self.observer.blend_created()
         log.info("blend %s = %s of %s", name, spec.combination_type, spec.adapters)
         return entry, True
 

@@ -5,8 +5,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import shutil  # noqa: E402
+import time  # noqa: E402
 
 import pytest  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from server.app import create_app  # noqa: E402
+from server.config import load_config  # noqa: E402
+from server.engine.fake import FakeEngine  # noqa: E402
 
 from tests.helpers import save_adapter, save_tiny_model  # noqa: E402
 
@@ -32,3 +38,33 @@ def store_copy(tiny_store, tmp_path):
     dst = tmp_path / "store"
     shutil.copytree(tiny_store, dst)
     return dst
+
+
+def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/ready").status_code == 200:
+            return
+        time.sleep(0.01)
+    raise AssertionError("app never became ready: " + client.get("/ready").text)
+
+
+@pytest.fixture
+def make_client(store_copy):
+    """Build a TestClient over a FakeEngine; keyword args go to FakeEngine, `env` to the config."""
+    opened = []
+
+    def make(env: dict | None = None, store=store_copy, **fake_kwargs):
+        environ = {"LORAPLEX_ADAPTERS__DIR": str(store), **(env or {})}
+        engine = FakeEngine(**fake_kwargs)
+        app = create_app(load_config(environ=environ), engine=engine)
+        client = TestClient(app, raise_server_exceptions=False)
+        client.__enter__()
+        opened.append(client)
+        wait_ready(client)
+        client.engine = engine
+        return client
+
+    yield make
+    for c in opened:
+        c.__exit__(None, None, None)

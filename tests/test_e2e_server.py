@@ -89,3 +89,13 @@ def test_disconnect_mid_stream_keeps_server_healthy(server, client):
                 break
     out = client.completions.create(model="alpha", prompt="hello", max_tokens=3, temperature=0)
     assert out.usage.completion_tokens >= 1
+
+
+def test_metrics_from_the_real_engine(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(model="alpha", prompt="hello", max_tokens=4, temperature=0)
+    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+    steps = [s.value for s in fams["loraplex_batch_size"].samples if s.name == "loraplex_batch_size_count"]
+    assert steps and steps[0] >= 4
+    assert any(s.value > 0 for s in fams["loraplex_queue_time_seconds"].samples if s.name.endswith("_count"))

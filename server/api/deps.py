@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -20,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..config import Config
 from ..engine.protocol import Engine
 from ..errors import Forbidden, NotReady, Unauthorized
+from ..metrics import Metrics
 from ..registry import Registry
 from .errors import body as error_body
 
@@ -30,6 +33,7 @@ class AppState:
     engine: Engine
     registry: Registry
     api_keys: list[str]
+    metrics: Metrics
     admin_token: str = ""
     started_at: int = field(default_factory=lambda: int(time.time()))
     adapters_ready: bool = False    # the store has been scanned at start-up
@@ -93,6 +97,33 @@ def require_admin(request: Request) -> AppState:
     if not state.ready:
         raise NotReady("the model is loading or the server is shutting down", code="not_ready")
     return state
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+class RequestIdMiddleware:
+    """Every request gets an id: the client's `x-request-id` when it is sane, else a new one.
+    It is put in `request.state.request_id` and sent back in the response's `x-request-id`."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class BodyLimitMiddleware:

@@ -22,27 +22,13 @@ from ..engine.types import GenerationEvent
 from ..registry import Lease
 from .convert import (ChoiceAccumulator, Plan, chat_logprobs, completion_logprobs, log_ignored, plan_chat,
                       plan_completion, usage)
-from .deps import AppState, get_state, require_inference
-from .errors import body as error_body
+from .deps import AppState, require_inference
+from .observe import RequestRecord, adapter_label
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .streaming import chat_chunks, completion_chunks, merge
 
 log = logging.getLogger("loraplex.api")
 router = APIRouter()
-
-
-@router.get("/health")
-async def health():
-    return {"status": "ok"}
-
-
-@router.get("/ready")
-async def ready(request: Request):
-    state = get_state(request)
-    if state.ready:
-        return {"status": "ready", "model": state.engine.model_id}
-    message = state.load_error or "the model is loading"
-    return JSONResponse(error_body(message, "service_unavailable_error", None, "not_ready"), status_code=503)
 
 
 @router.get("/v1/models")
@@ -102,7 +88,7 @@ async def _collect(request: Request, state: AppState, plan: Plan,
 
 
 def _stream(state: AppState, plan: Plan, chunks: Callable, model: str, include_usage: bool,
-            streams: list[AsyncIterator[GenerationEvent]], lease: Lease) -> EventSourceResponse:
+            streams: list[AsyncIterator[GenerationEvent]], lease: Lease, record: RequestRecord) -> EventSourceResponse:
     async def events() -> AsyncIterator[str]:
         try:
             async for data in chunks(plan.id, model, streams, plan.prompt_tokens, include_usage):
@@ -110,6 +96,7 @@ def _stream(state: AppState, plan: Plan, chunks: Callable, model: str, include_u
         finally:
             _abort_all(state, plan)  # no-op for finished requests; stops the rest
             state.registry.release(lease)
+            record.done()
     return EventSourceResponse(events(), ping=15)
 
 
@@ -117,17 +104,25 @@ async def _run(request: Request, state: AppState, body, planner: Callable, chunk
     """The shared flow of both routes; returns the stream response or the accumulated choices."""
     log_ignored(body, route)
     mix = [(a.name, a.weight) for a in body.adapters] if body.adapters else None
-    lease = await state.registry.acquire(body.model, mix)
+    lease = await state.registry.acquire(body.model, mix)  # an unknown model ends here: no metrics series
+    record = RequestRecord(state.metrics, request_id=request.state.request_id, route=route, model=body.model,
+                           adapter=adapter_label(lease, state.engine.model_id))
     streaming = False
     try:
         plan = planner(body, state.engine.tokenizer, state.engine.context_length, state.config.server,
                        lease.adapter)
-        streams = _submit(state, plan)
+        record.prompt_tokens = plan.prompt_tokens
+        streams = [record.wrap(s) for s in _submit(state, plan)]
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            streaming = True  # from here the stream's own `finally` releases the lease
-            return plan, _stream(state, plan, chunks, body.model, include, streams, lease)
-        return plan, await _collect(request, state, plan, streams)
+            streaming = True  # from here the stream's own `finally` releases the lease and reports
+            return plan, _stream(state, plan, chunks, body.model, include, streams, lease, record)
+        result = await _collect(request, state, plan, streams)
+        record.done()
+        return plan, result
+    except Exception as e:
+        record.done(error=e)
+        raise
     finally:
         if not streaming:
             state.registry.release(lease)

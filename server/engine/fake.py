@@ -22,7 +22,7 @@ from ..errors import InvalidAdapter, NotFound, NotReady, Overloaded
 from ..lora.blend import BlendSpec
 from ..lora.weights import AdapterInfo, describe_adapter, read_adapter
 from .sequence import Sequence
-from .types import GenerationEvent, GenerationRequest, TokenLogprob
+from .types import EngineStats, GenerationEvent, GenerationRequest, TokenLogprob
 
 EOS = 256
 
@@ -109,6 +109,9 @@ class FakeEngine:
         self.running.add(request.request_id)
         return self._generate(request)
 
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.running), waiting=0, kv_cache_tokens=0)
+
     def abort(self, request_id: str) -> None:
         if request_id in self.running:
             self.aborted.add(request_id)
@@ -138,6 +141,8 @@ class FakeEngine:
                                 for k, t in enumerate([tok, EOS][: request.params.logprobs]))
                     lp = TokenLogprob(tok, self._tok.token_text(tok), -0.25, top)
                 ev = seq.append(tok, lp)
+                if step == 1:
+                    ev.queue_time = 0.0
                 yield ev
                 if seq.finished:
                     done = True

@@ -22,8 +22,9 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -38,7 +39,7 @@ from .runner import ModelRunner
 from .sampling import RowState, make_generator, sample
 from .sequence import Sequence
 from .tokens import HFPromptTokenizer
-from .types import GenerationEvent, GenerationRequest
+from .types import EngineStats, GenerationEvent, GenerationRequest
 
 log = logging.getLogger("loraplex.engine")
 
@@ -48,6 +49,7 @@ class _Pending:
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    submitted: float = field(default_factory=time.monotonic)
 
 
 class TorchEngine:
@@ -59,11 +61,15 @@ class TorchEngine:
         cache_dir: Path,
         max_lora_rank: int = 64,
         loader: Callable[[ModelConfig, Path], LoadedModel] = load_model,
+        on_step: Callable[[int, float], None] | None = None,
     ):
         self.model_cfg, self.cfg = model_cfg, engine_cfg
         self.cache_dir = cache_dir
         self.max_lora_rank = max_lora_rank
         self._loader = loader
+        self.on_step = on_step          # (batch size, seconds) after every step; called on the engine thread
+        self._running = 0               # rows in the current batch (read by stats() from other threads)
+        self._kv_tokens = 0
         self.model_id = model_cfg.id
         # _lock guards _waiting, _active, _aborted and _commands, which the event
         # loop's thread writes (submit, abort, adapter calls) while the engine
@@ -144,6 +150,12 @@ class TorchEngine:
         finally:
             if not done:  # the consumer left early: the client is gone
                 self.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        gpu = None
+        if self._runner is not None and self._runner.device.type == "cuda":
+            gpu = torch.cuda.memory_allocated(self._runner.device)
+        return EngineStats(self._running, len(self._waiting), self._kv_tokens, gpu)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -264,7 +276,10 @@ class TorchEngine:
         seqs = [Sequence(p.request, self._decoder, self._eos) for p in batch]
         rows = [RowState(p.request.params, p.request.prompt_ids, s.output_ids, frozenset(s.stop_ids),
                          make_generator(p.request.params.seed, runner.device)) for p, s in zip(batch, seqs)]
+        started = time.monotonic()
+        queued = {p.request.request_id: started - p.submitted for p in batch}
         try:
+            t0 = time.perf_counter()
             state, logits = runner.prefill([p.request.prompt_ids for p in batch], [p.request.adapter for p in batch])
             while batch:
                 picks = sample(logits, rows, self._decoder.token_text)
@@ -274,20 +289,32 @@ class TorchEngine:
                 for i, (p, seq, (tok, lp)) in enumerate(zip(batch, seqs, picks)):
                     if p.request.request_id in aborted:
                         continue
-                    self._emit(p, seq.append(tok, lp))
+                    ev = seq.append(tok, lp)
+                    ev.queue_time = queued.pop(p.request.request_id, None)
+                    self._emit(p, ev)
                     if not seq.finished:
                         keep.append(i)
                 with self._lock:
                     for i, p in enumerate(batch):
                         if i not in keep:
                             self._finish(p.request.request_id)
+                self._report_step(len(batch), state, t0)
                 if len(keep) < len(batch):
                     batch, seqs, rows = [batch[i] for i in keep], [seqs[i] for i in keep], [rows[i] for i in keep]
                     if not batch:
                         break
                     runner.keep(state, keep)
                 self._run_commands()
+                t0 = time.perf_counter()
                 logits = runner.decode(state, [s.output_ids[-1] for s in seqs])
         except Exception as e:
             log.exception("engine step failed; failing %d requests", len(batch))
             self._fail(batch, LoraplexError(f"engine error: {type(e).__name__}: {e}", code="engine_error"))
+        finally:
+            self._running, self._kv_tokens = 0, 0
+
+    def _report_step(self, rows: int, state, t0: float) -> None:
+        self._running = rows
+        self._kv_tokens = rows * int(state.attention_mask.shape[1])  # padded rows x cached positions
+        if self.on_step is not None:
+            self.on_step(rows, time.perf_counter() - t0)

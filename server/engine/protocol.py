@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
 from ..lora.blend import BlendSpec
 from ..lora.weights import AdapterInfo
-from .types import GenerationEvent, GenerationRequest
+from .types import EngineStats, GenerationEvent, GenerationRequest
 
 
 @runtime_checkable
@@ -62,6 +62,10 @@ class Engine(Protocol):
         ...
 
     def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats:
+        """Cheap, thread-safe snapshot; read at every metrics scrape."""
+        ...
 
     async def load_adapter(self, name: str, path: Path, *, check_rank: bool = True) -> AdapterInfo:
         """Validate a PEFT folder and attach it to the model under `name`.

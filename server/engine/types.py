@@ -65,3 +65,14 @@ class GenerationEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Exception | None = None  # set when the engine failed this request
+    queue_time: float | None = None  # on a request's first event: seconds it waited before its prefill
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for the metrics: requests in the batch and waiting, tokens held in the KV cache."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_tokens: int = 0
+    gpu_memory_bytes: int | None = None

@@ -50,6 +50,6 @@ def test_ready_is_503_while_loading(tmp_path):
         r = c.post("/v1/completions", json={"model": "fake-model", "prompt": "x"})
         assert r.status_code == 503
         c.portal.call(engine.release.set)
-        from tests.api.conftest import wait_ready
+        from tests.conftest import wait_ready
         wait_ready(c)
         assert c.post("/v1/completions", json={"model": "fake-model", "prompt": "x"}).status_code == 200

@@ -1,0 +1,35 @@
+"""Operations routes: /health (liveness), /ready (readiness) and /metrics (Prometheus).
+
+Owns: what each answers and when. /metrics is public, like /health; put it
+behind the network's own controls where that matters.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .deps import get_state
+from .errors import body as error_body
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    state = get_state(request)
+    if state.ready:
+        return {"status": "ready", "model": state.engine.model_id}
+    message = state.load_error or "the model is loading"
+    return JSONResponse(error_body(message, "service_unavailable_error", None, "not_ready"), status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return Response(get_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
