@@ -46,6 +46,8 @@ def _state_gauges(metrics: Metrics, engine: Engine, registry: Registry) -> None:
                   lambda: engine.stats().waiting)
     metrics.gauge("loraplex_kv_cache_tokens", "Token positions held in the KV cache (padding included)",
                   lambda: engine.stats().kv_cache_tokens)
+    metrics.counter("loraplex_admission_waits", "Requests that arrived while a batch ran and waited for it",
+                    lambda: engine.stats().admission_waits)
     metrics.gauge("loraplex_gpu_memory_allocated_bytes", "GPU memory allocated by torch",
                   lambda: engine.stats().gpu_memory_bytes)
     metrics.gauge("loraplex_adapters_registered", "Adapters and blends registered", count("registered"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 OUTCOMES = ("stop", "length", "aborted", "error", "rejected")
 # From well under a millisecond (GPU decode) to minutes (CPU, long generations).
@@ -30,18 +30,20 @@ MIX_LABEL = "~mix"
 
 
 class _StateCollector:
-    """Gauges read at scrape time from callables returning numbers."""
+    """Gauges and counters read at scrape time from callables returning numbers."""
 
-    def __init__(self, sources: dict[str, tuple[str, Callable[[], float | None]]]):
+    def __init__(self, sources: dict[str, tuple[str, Callable[[], float | None]]], counters: set[str]):
         self.sources = sources
+        self.counters = counters
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         for name, (doc, read) in self.sources.items():
             value = read()
             if value is not None:
-                g = GaugeMetricFamily(name, doc)
-                g.add_metric([], float(value))
-                yield g
+                family = CounterMetricFamily if name in self.counters else GaugeMetricFamily
+                m = family(name, doc)
+                m.add_metric([], float(value))
+                yield m
 
 
 class Metrics:
@@ -75,12 +77,18 @@ class Metrics:
         ProcessCollector(namespace="loraplex", registry=r)
         self._series: dict[str, set[tuple[str, ...]]] = {}   # adapter -> label tuples created, for removal
         self._state: dict[str, tuple[str, Callable[[], float | None]]] = {}
-        r.register(_StateCollector(self._state))
+        self._counters: set[str] = set()
+        r.register(_StateCollector(self._state, self._counters))
 
     # -- scrape-time state ---------------------------------------------------------
     def gauge(self, name: str, doc: str, read: Callable[[], float | None]) -> None:
         """Expose `read()` as gauge `name` at every scrape (None = omit)."""
         self._state[name] = (doc, read)
+
+    def counter(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """Expose a count kept elsewhere (it must only grow) as counter `name` (`name_total` on the wire)."""
+        self._state[name] = (doc, read)
+        self._counters.add(name)
 
     # -- per-request ---------------------------------------------------------------
     def _note(self, adapter: str, *labels: str) -> None:

@@ -70,6 +70,7 @@ class TorchEngine:
         self.on_step = on_step          # (batch size, seconds) after every step; called on the engine thread
         self._running = 0               # rows in the current batch (read by stats() from other threads)
         self._kv_tokens = 0
+        self._admission_waits = 0
         self.model_id = model_cfg.id
         # _lock guards _waiting, _active, _aborted and _commands, which the event
         # loop's thread writes (submit, abort, adapter calls) while the engine
@@ -132,6 +133,8 @@ class TorchEngine:
                                  f"{self.cfg.max_waiting_requests}); retry later", retry_after=1, code="queue_full")
             self._waiting.append(pending)
             self._active.add(request.request_id)
+            if self._running:  # static batching: it waits for the running batch to end
+                self._admission_waits += 1
         self._wakeup.set()
         return self._events(request.request_id, pending.queue)
 
@@ -155,7 +158,7 @@ class TorchEngine:
         gpu = None
         if self._runner is not None and self._runner.device.type == "cuda":
             gpu = torch.cuda.memory_allocated(self._runner.device)
-        return EngineStats(self._running, len(self._waiting), self._kv_tokens, gpu)
+        return EngineStats(self._running, len(self._waiting), self._kv_tokens, gpu, self._admission_waits)
 
     def abort(self, request_id: str) -> None:
         with self._lock:

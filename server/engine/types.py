@@ -76,3 +76,4 @@ class EngineStats:
     waiting: int = 0
     kv_cache_tokens: int = 0
     gpu_memory_bytes: int | None = None
+    admission_waits: int = 0        # requests that arrived while a batch ran and had to wait for it
