@@ -139,3 +139,19 @@ def test_dashboard_queries_only_existing_metrics(c):
     missing = used - exposed - gpu_only
     assert not missing, missing
     assert any("histogram_quantile" in e for e in exprs)
+
+
+def test_deploy_files_are_consistent():
+    import yaml
+    r = subprocess.run([shutil.which("promtool"), "check", "config", str(ROOT / "deploy" / "prometheus.yml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            host = volume.split(":")[0]
+            if host.startswith("."):
+                assert (ROOT / "deploy" / host).exists(), host
+    for sub in ("datasources", "dashboards"):
+        for f in (ROOT / "deploy" / "grafana" / "provisioning" / sub).glob("*.yml"):
+            assert yaml.safe_load(f.read_text())["apiVersion"] == 1
