@@ -72,6 +72,8 @@ class EngineConfig:
     """The generation engine: batching and threads."""
 
     max_batch_size: int = 32        # sequences decoded together in one step
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (joining requests)
+    max_kv_tokens: int = 65536      # KV-cache tokens reserved (prompt + max_tokens per sequence)
     max_waiting_requests: int = 256  # queued beyond this get 429
     threads: int = 0                # torch intra-op threads; 0 = torch's default
 
@@ -194,6 +196,8 @@ def _validate(cfg: Config) -> None:
         ("server.max_tokens", cfg.server.max_tokens), ("server.default_max_tokens", cfg.server.default_max_tokens),
         ("server.max_n", cfg.server.max_n), ("server.max_prompts", cfg.server.max_prompts),
         ("engine.max_batch_size", cfg.engine.max_batch_size),
+        ("engine.max_prefill_tokens", cfg.engine.max_prefill_tokens),
+        ("engine.max_kv_tokens", cfg.engine.max_kv_tokens),
         ("engine.max_waiting_requests", cfg.engine.max_waiting_requests),
         ("adapters.max_lora_rank", cfg.adapters.max_lora_rank),
         ("adapters.max_loaded_adapters", cfg.adapters.max_loaded_adapters),

@@ -10,10 +10,11 @@ Why one thread: after the main thread has run a parallel torch op, forwards on
 another thread ran 1.5x slower here (facts.md); so the engine thread loads the
 model itself and does all torch work, adapter reads included.
 
-Scheduling in this version is static batching: up to `max_batch_size` waiting
-requests (FCFS, any mix of adapters) start together, rows leave as they
-finish, and new requests wait for the batch to end. The continuous-batching
-issue replaces `_run_batch` with a step-level scheduler behind the same seam.
+Scheduling is continuous: at every step boundary the scheduler admits waiting
+requests (first come, first served, any mix of adapters, within the budgets in
+`scheduler.py`); they are prefilled together and their KV caches join the
+running batch; then one decode step runs for every row. Finished and aborted
+rows leave at once and free their cache.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from ..errors import LoraplexError, NotFound, NotReady, Overloaded
 from ..lora.blend import BlendSpec
 from ..lora.weights import AdapterInfo, describe_adapter, read_adapter
 from ..model import LoadedModel, load_model
-from .runner import ModelRunner
+from .runner import BatchState, ModelRunner
 from .sampling import RowState, make_generator, sample
+from .scheduler import Budget, Waiting, admit
 from .sequence import Sequence
 from .tokens import HFPromptTokenizer
 from .types import EngineStats, GenerationEvent, GenerationRequest
@@ -50,6 +52,24 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     submitted: float = field(default_factory=time.monotonic)
+    waited: bool = False            # counted once in admission_waits
+
+
+@dataclass
+class _Row:
+    """A running sequence: where its events go, its text state, its sampler state."""
+
+    pending: _Pending
+    seq: Sequence
+    sampler: RowState
+
+    @property
+    def request_id(self) -> str:
+        return self.pending.request.request_id
+
+    @property
+    def reserve(self) -> int:
+        return len(self.pending.request.prompt_ids) + self.pending.request.params.max_tokens
 
 
 class TorchEngine:
@@ -71,6 +91,10 @@ class TorchEngine:
         self._running = 0               # rows in the current batch (read by stats() from other threads)
         self._kv_tokens = 0
         self._admission_waits = 0
+        self._budget = Budget(engine_cfg.max_batch_size, engine_cfg.max_prefill_tokens, engine_cfg.max_kv_tokens)
+        # The running batch; touched only on the engine thread.
+        self._rows: list[_Row] = []
+        self._state: BatchState | None = None
         self.model_id = model_cfg.id
         # _lock guards _waiting, _active, _aborted and _commands, which the event
         # loop's thread writes (submit, abort, adapter calls) while the engine
@@ -133,8 +157,6 @@ class TorchEngine:
                                  f"{self.cfg.max_waiting_requests}); retry later", retry_after=1, code="queue_full")
             self._waiting.append(pending)
             self._active.add(request.request_id)
-            if self._running:  # static batching: it waits for the running batch to end
-                self._admission_waits += 1
         self._wakeup.set()
         return self._events(request.request_id, pending.queue)
 
@@ -221,27 +243,36 @@ class TorchEngine:
             self._loaded.set()
             return
         self._loaded.set()
-        log.info("engine ready: %s, max_batch_size=%d", self.model_id, self.cfg.max_batch_size)
+        log.info("engine ready: %s, budgets %s", self.model_id, self._budget)
         while not self._stopping:
             self._run_commands()
-            batch = self._take(self.cfg.max_batch_size)
-            if batch:
-                self._run_batch(batch)
-            else:
+            joining = self._admit()
+            if joining:
+                self._prefill(joining)
+            if self._rows:
+                self._decode()
+            elif not joining:
                 self._wakeup.wait(0.5)
                 self._wakeup.clear()
+        self._fail([r.pending for r in self._rows], NotReady("the server is shutting down", code="shutting_down"))
         self._fail_waiting(NotReady("the server is shutting down", code="shutting_down"))
 
-    def _take(self, limit: int) -> list[_Pending]:
+    def _admit(self) -> list[_Pending]:
+        """Pop the requests the scheduler lets join now (aborted ones are dropped on the way)."""
         with self._lock:
-            out = []
-            while self._waiting and len(out) < limit:
-                p = self._waiting.popleft()
-                if p.request.request_id in self._aborted:
-                    self._finish(p.request.request_id)
-                    continue
-                out.append(p)
-            return out
+            while self._waiting and self._waiting[0].request.request_id in self._aborted:
+                self._finish(self._waiting.popleft().request.request_id)
+            queue = [p for p in self._waiting if p.request.request_id not in self._aborted]
+            n = admit([Waiting(len(p.request.prompt_ids), p.request.params.max_tokens) for p in queue],
+                      len(self._rows), sum(r.reserve for r in self._rows), self._budget)
+            joining = queue[:n]
+            for p in joining:
+                self._waiting.remove(p)
+            for p in queue[n:]:
+                if not p.waited:
+                    p.waited = True
+                    self._admission_waits += 1
+            return joining
 
     def _finish(self, request_id: str) -> None:
         """Forget a request; call with _lock held."""
@@ -267,57 +298,92 @@ class TorchEngine:
             self._waiting.clear()
         self._fail(items, err)
 
-    def _run_batch(self, batch: list[_Pending]) -> None:
+    def _prefill(self, joining: list[_Pending]) -> None:
+        """Prefill the joining requests together, sample their first tokens, add them to the batch."""
         runner = self._runner
-        unknown = [p for p in batch if p.request.adapter is not None and p.request.adapter not in runner.adapters]
-        if unknown:
-            for p in unknown:
-                self._fail([p], NotFound(f"adapter {p.request.adapter!r} is not loaded", code="model_not_found"))
-            batch = [p for p in batch if p not in unknown]
-            if not batch:
-                return
-        seqs = [Sequence(p.request, self._decoder, self._eos) for p in batch]
-        rows = [RowState(p.request.params, p.request.prompt_ids, s.output_ids, frozenset(s.stop_ids),
-                         make_generator(p.request.params.seed, runner.device)) for p, s in zip(batch, seqs)]
-        started = time.monotonic()
-        queued = {p.request.request_id: started - p.submitted for p in batch}
+        unknown = [p for p in joining if p.request.adapter is not None and p.request.adapter not in runner.adapters]
+        for p in unknown:
+            self._fail([p], NotFound(f"adapter {p.request.adapter!r} is not loaded", code="model_not_found"))
+        joining = [p for p in joining if p not in unknown]
+        if not joining:
+            return
+        rows = []
+        for p in joining:
+            seq = Sequence(p.request, self._decoder, self._eos)
+            rows.append(_Row(p, seq, RowState(p.request.params, p.request.prompt_ids, seq.output_ids,
+                                              frozenset(seq.stop_ids),
+                                              make_generator(p.request.params.seed, runner.device))))
+        t0 = time.perf_counter()
+        now = time.monotonic()
         try:
-            t0 = time.perf_counter()
-            state, logits = runner.prefill([p.request.prompt_ids for p in batch], [p.request.adapter for p in batch])
-            while batch:
-                picks = sample(logits, rows, self._decoder.token_text)
-                keep: list[int] = []
-                with self._lock:
-                    aborted = {p.request.request_id for p in batch if p.request.request_id in self._aborted}
-                for i, (p, seq, (tok, lp)) in enumerate(zip(batch, seqs, picks)):
-                    if p.request.request_id in aborted:
-                        continue
-                    ev = seq.append(tok, lp)
-                    ev.queue_time = queued.pop(p.request.request_id, None)
-                    self._emit(p, ev)
-                    if not seq.finished:
-                        keep.append(i)
-                with self._lock:
-                    for i, p in enumerate(batch):
-                        if i not in keep:
-                            self._finish(p.request.request_id)
-                self._report_step(len(batch), state, t0)
-                if len(keep) < len(batch):
-                    batch, seqs, rows = [batch[i] for i in keep], [seqs[i] for i in keep], [rows[i] for i in keep]
-                    if not batch:
-                        break
+            state, logits = runner.prefill([p.request.prompt_ids for p in joining],
+                                           [p.request.adapter for p in joining])
+            keep = self._sample_and_emit(rows, logits, {p.request.request_id: now - p.submitted for p in joining})
+            if keep:
+                if len(keep) < len(rows):
                     runner.keep(state, keep)
-                self._run_commands()
-                t0 = time.perf_counter()
-                logits = runner.decode(state, [s.output_ids[-1] for s in seqs])
+                self._state = runner.merge(self._state, state)
+                self._rows += [rows[i] for i in keep]
         except Exception as e:
-            log.exception("engine step failed; failing %d requests", len(batch))
-            self._fail(batch, LoraplexError(f"engine error: {type(e).__name__}: {e}", code="engine_error"))
-        finally:
-            self._running, self._kv_tokens = 0, 0
+            log.exception("prefill failed; failing %d requests", len(joining))
+            self._fail(joining, LoraplexError(f"engine error: {type(e).__name__}: {e}", code="engine_error"))
+        self._report_step(len(rows), t0)
 
-    def _report_step(self, rows: int, state, t0: float) -> None:
-        self._running = rows
-        self._kv_tokens = rows * int(state.attention_mask.shape[1])  # padded rows x cached positions
-        if self.on_step is not None:
+    def _decode(self) -> None:
+        """One token for every running row."""
+        runner = self._runner
+        with self._lock:
+            gone = [i for i, r in enumerate(self._rows) if r.request_id in self._aborted]
+            for i in gone:
+                self._finish(self._rows[i].request_id)
+        if gone:
+            self._drop(set(gone))
+            if not self._rows:
+                return
+        t0, stepped = time.perf_counter(), len(self._rows)
+        try:
+            logits = runner.decode(self._state, [r.seq.output_ids[-1] for r in self._rows])
+            keep = self._sample_and_emit(self._rows, logits, {})
+            if len(keep) < len(self._rows):
+                self._drop(set(range(len(self._rows))) - set(keep))
+        except Exception as e:
+            log.exception("decode step failed; failing %d requests", len(self._rows))
+            self._fail([r.pending for r in self._rows],
+                       LoraplexError(f"engine error: {type(e).__name__}: {e}", code="engine_error"))
+            self._rows, self._state = [], None
+        self._report_step(stepped, t0)
+
+    def _drop(self, rows: set[int]) -> None:
+        keep = [i for i in range(len(self._rows)) if i not in rows]
+        self._rows = [self._rows[i] for i in keep]
+        if keep:
+            self._runner.keep(self._state, keep)
+        else:
+            self._state = None
+
+    def _sample_and_emit(self, rows: list[_Row], logits, queued: dict[str, float]) -> list[int]:
+        """Sample one token per row, send its event; return the indices of rows still running."""
+        picks = sample(logits, [r.sampler for r in rows], self._decoder.token_text)
+        keep: list[int] = []
+        with self._lock:
+            aborted = {r.request_id for r in rows if r.request_id in self._aborted}
+        for i, (r, (tok, lp)) in enumerate(zip(rows, picks)):
+            if r.request_id in aborted:
+                continue
+            ev = r.seq.append(tok, lp)
+            ev.queue_time = queued.get(r.request_id)
+            self._emit(r.pending, ev)
+            if not r.seq.finished:
+                keep.append(i)
+        with self._lock:
+            for i, r in enumerate(rows):
+                if i not in keep:
+                    self._finish(r.request_id)
+        return keep
+
+    def _report_step(self, rows: int, t0: float) -> None:
+        self._running = len(self._rows)
+        width = 0 if self._state is None else int(self._state.attention_mask.shape[1])
+        self._kv_tokens = len(self._rows) * width  # padded rows x cached positions
+        if self.on_step is not None and rows:
             self.on_step(rows, time.perf_counter() - t0)

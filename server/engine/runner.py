@@ -200,3 +200,38 @@ class ModelRunner:
         state.attention_mask = state.attention_mask[idx]
         state.next_position = state.next_position[idx]
         state.adapters = [state.adapters[i] for i in rows]
+        # Columns that are left padding for every remaining row hold nothing: cut them.
+        live = state.attention_mask.any(dim=0)
+        first = int(live.long().argmax()) if bool(live.any()) else 0
+        if first > 0:
+            state.attention_mask = state.attention_mask[:, first:]
+            for layer in state.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    @staticmethod
+    def merge(running: BatchState | None, joining: BatchState) -> BatchState:
+        """Append the rows of a freshly prefilled batch to the running one.
+
+        Both are left-padded: the shorter side gets more left padding so the
+        newest position lines up in one column. Cache tensors: (B, heads, L, head_dim).
+        """
+        if running is None:
+            return joining
+        la, lb = running.attention_mask.shape[1], joining.attention_mask.shape[1]
+        width = max(la, lb)
+
+        def left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+            if n == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for a, b in zip(running.cache.layers, joining.cache.layers):
+            a.keys = torch.cat([left(a.keys, width - la, 2), left(b.keys, width - lb, 2)], dim=0)
+            a.values = torch.cat([left(a.values, width - la, 2), left(b.values, width - lb, 2)], dim=0)
+        running.attention_mask = torch.cat([left(running.attention_mask, width - la, 1),
+                                            left(joining.attention_mask, width - lb, 1)], dim=0)
+        running.next_position = torch.cat([running.next_position, joining.next_position], dim=0)
+        running.adapters = running.adapters + joining.adapters
+        return running

@@ -159,3 +159,34 @@ def test_unknown_adapter_fails_only_its_request(engine):
         return [ev async for ev in good]
     events = asyncio.run(main())
     assert events[-1].finish_reason in ("length", "stop")
+
+
+def test_requests_join_a_running_batch(engine):
+    """Continuous batching: late arrivals join mid-flight, finish before the long request, and every
+    output equals its solo run (fp32)."""
+    combos = [(PROMPTS[0], None, 40), (PROMPTS[1], "alpha", 6), (PROMPTS[2], "beta", 6), (PROMPTS[1], None, 6)]
+    solo = [run(engine, req(engine, f"solo-{i}", p, a, ignore_eos=True, max_tokens=n))[0]["ids"]
+            for i, (p, a, n) in enumerate(combos)]
+
+    async def main():
+        order = []
+
+        async def consume(i, stream):
+            ids = []
+            async for ev in stream:
+                ids += ev.token_ids
+            order.append(i)
+            return ids
+        p, a, n = combos[0]
+        first = asyncio.create_task(consume(0, engine.submit(req(engine, "long", p, a, ignore_eos=True, max_tokens=n))))
+        while not engine._rows:       # wait until the long request is decoding
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.02)
+        late = [asyncio.create_task(consume(i, engine.submit(req(engine, f"late-{i}", p, a, ignore_eos=True,
+                                                                     max_tokens=n))))
+                for i, (p, a, n) in enumerate(combos) if i > 0]
+        outs = await asyncio.gather(first, *late)
+        return outs, order
+    outs, order = asyncio.run(main())
+    assert outs == solo
+    assert order[-1] == 0, f"the long request should finish last, got {order}"
