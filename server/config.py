@@ -76,6 +76,7 @@ class EngineConfig:
     max_kv_tokens: int = 65536      # KV-cache tokens reserved (prompt + max_tokens per sequence)
     max_waiting_requests: int = 256  # queued beyond this get 429
     threads: int = 0                # torch intra-op threads; 0 = torch's default
+    lora_backend: str = "auto"      # auto | dense | segments | loop (see server/lora/batched.py)
 
 
 @dataclass
@@ -125,6 +126,7 @@ _CHOICES = {
     ("model", "attn_implementation"): {"sdpa", "eager", "flash_attention_2"},
     ("server", "log_level"): {"debug", "info", "warning", "error"},
     ("server", "log_format"): {"text", "json"},
+    ("engine", "lora_backend"): {"auto", "dense", "segments", "loop"},
 }
 
 

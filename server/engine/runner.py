@@ -5,11 +5,12 @@ adapter arrives), attaching and detaching adapters, and the two forwards of a
 batch: `prefill` (left-padded prompts, one pass) and `decode` (one token per
 row), with a `DynamicCache` and rows that can leave (`keep`).
 
-Each row names its adapter; PEFT's mixed-batch path (`adapter_names=`, with
-"__base__" for the base model) runs rows of different adapters in one forward.
-That path loops over the adapters present in the batch (facts.md: it costs
-throughput); the continuous-batching issue replaces it with a batched LoRA
-layer behind the same methods.
+Each row names its adapter. PEFT holds the adapters' weights, but its LoRA
+layers stay switched off (each computes only its base layer); `BatchedLora`
+adds every row's own delta in one batched product per layer (see
+`server/lora/batched.py`). PEFT's own mixed-batch path (`adapter_names=`)
+loops over adapters with hooks registered per call and cost 60% of the
+throughput here (facts.md).
 
 It knows nothing of requests, text or HTTP: rows are token ids and adapter names.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidAdapter
+from ..lora.batched import BatchedLora
 from ..lora.blend import BlendSpec, build, write_folder
 from ..lora.fit import check_fits
 from ..lora.weights import AdapterFiles
@@ -44,14 +46,14 @@ class BatchState:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, lora_backend: str = "auto"):
+        self.lora_backend = lora_backend
         self.loaded = loaded
         self.device = loaded.device
         self.base = loaded.model
         self.peft = None            # peft.PeftModel once an adapter is attached
         self.adapters: set[str] = set()
-        self._active: str | None = None   # PEFT's active adapter, to skip redundant set_adapter calls
-        self._layers_enabled = True       # whether PEFT's LoRA layers are switched on
+        self.batched: BatchedLora | None = None
 
     @property
     def model(self):
@@ -62,6 +64,10 @@ class ModelRunner:
         """Attach a validated adapter; on any failure the model is left as it was."""
         from peft import get_peft_model, set_peft_model_state_dict
 
+        for flag in ("use_dora", "lora_bias"):
+            if getattr(files.config, flag, False):
+                raise InvalidAdapter(f"adapter {name!r} uses {flag}, which the batched LoRA path does not "
+                                     "compute yet", code="unsupported_adapter")
         rank_pattern = getattr(files.config, "rank_pattern", None)
         if not rank_pattern:  # per-module ranks would need per-module expectations
             check_fits(name, self.base, files.tensors, files.info.rank)
@@ -70,11 +76,8 @@ class ModelRunner:
             # (PEFT's low_cpu_mem_usage=True skips the random init but measured no faster here.)
             if first:
                 self.peft = get_peft_model(self.base, files.config, adapter_name=name)
-                self._active, self._layers_enabled = name, True
             else:
-                self._set_layers(enabled=True)  # new layers must not start in a stale state
                 self.peft.add_adapter(name, files.config)
-                self._active = None  # whatever PEFT made active, the next single-adapter batch sets it
             result = set_peft_model_state_dict(self.peft, files.tensors, adapter_name=name)
             missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
             if missing:  # such a layer would keep PEFT's random init: a silently wrong adapter
@@ -92,28 +95,33 @@ class ModelRunner:
         self.peft.to(self.device)
         self.peft.eval()
         self.adapters.add(name)
+        self._adapters_changed()
 
     def _undo(self, name: str, first: bool) -> None:
         """Remove a half-attached adapter; if it was the first, give back the plain base."""
         if self.peft is None:
             return
         if first:
+            if self.batched is not None:
+                self.batched.detach()
+                self.batched = None
             self.base = self.peft.unload()  # strips the LoRA layers PEFT injected into the base
             self.peft = None
-            self._active = None
         elif name in self.peft.peft_config:
             self.peft.delete_adapter(name)
-            self._active = None  # PEFT picks another active adapter on delete
+            left = [a for a in self.peft.peft_config if a != name]
+            if left and self.peft.active_adapter not in self.peft.peft_config:
+                self.peft.set_adapter(left[0])  # PEFT's forward looks its active adapter up
+            self._adapters_changed()
 
     def add_blend(self, name: str, spec: BlendSpec, folder: Path | None) -> None:
         """Build a blend of attached adapters (PEFT add_weighted_adapter); write it to `folder` if given."""
         missing = [n for n, _ in spec.adapters if n not in self.adapters]
         if self.peft is None or missing:
             raise InvalidAdapter(f"blend {name!r}: adapters not in memory: {missing}", code="adapter_not_loaded")
-        self._set_layers(enabled=True)
         build(self.peft, name, spec)
-        self._active = None
         self.adapters.add(name)
+        self._adapters_changed()
         if folder is not None:
             try:
                 write_folder(self.peft, name, folder)
@@ -128,38 +136,25 @@ class ModelRunner:
 
     # -- forwards ------------------------------------------------------------
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str]) -> torch.Tensor:
-        """One forward; (B, V) logits of the last position.
-
-        PEFT's mixed-batch path (`adapter_names`) registers hooks on every LoRA layer per
-        call, and `disable_adapter()` walks every module twice per call; so a batch that
-        uses one adapter, or none, takes PEFT's plain path, and the layers' state is
-        switched only when it changes between steps.
-        """
+        """One forward; (B, V) logits of the last position."""
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       cache=cache, use_cache=True, logits_to_keep=1)
-        used = set(adapters)
         if self.peft is None:
             return self.base(**kwargs).logits[:, -1, :]
-        if used == {BASE}:
-            self._set_layers(enabled=False)
-        else:
-            self._set_layers(enabled=True)
-            if len(used) == 1:
-                (name,) = used
-                if self._active != name:
-                    self.peft.set_adapter(name)
-                    self._active = name
-            else:
-                kwargs["adapter_names"] = adapters
+        self.batched.set_rows(adapters)
         return self.peft(**kwargs).logits[:, -1, :]
 
-    def _set_layers(self, enabled: bool) -> None:
-        if self._layers_enabled != enabled:
-            if enabled:
-                self.peft.base_model.enable_adapter_layers()
-            else:
-                self.peft.base_model.disable_adapter_layers()
-            self._layers_enabled = enabled
+    def _adapters_changed(self) -> None:
+        """PEFT's layers all off (ours add the deltas), new layers hooked, stale concatenations dropped.
+
+        Every time, not once: PEFT creates the layers of a newly targeted module switched on.
+        """
+        self.peft.base_model.disable_adapter_layers()
+        if self.batched is None:
+            self.batched = BatchedLora(self.peft, backend=self.lora_backend)
+        else:
+            self.batched.attach(self.peft)
+            self.batched.forget()
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], adapters: list[str | None]) -> tuple[BatchState, torch.Tensor]:

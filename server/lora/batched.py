@@ -1,0 +1,158 @@
+"""Every row's own LoRA delta in one batched product per layer.
+
+Owns: the multi-adapter LoRA forward used by the engine. PEFT keeps the
+adapters (loading, blends, fit checks) and its LoRA layers stay switched off,
+so each of them computes only its base layer; a forward hook on each then adds
+the deltas of the rows' adapters.
+
+Semantics (the reference, `backend="loop"`):
+    for each row i with adapter a(i) that targets this layer:
+        y[i] += scale[a] * B[a] @ A[a] @ x[i]
+
+Backends (a registry, so a GPU kernel can be added by name):
+- "loop": the plain per-row loop above; slow, the oracle for the others.
+- "dense": the adapters present in the batch are concatenated once per layer,
+  A_cat (R, in) and B_cat (out, R) with the scales folded into B_cat, R the sum
+  of their ranks; then y += ((x @ A_cat^T) * mask) @ B_cat^T, where mask (rows, R)
+  keeps for each row only its own adapter's columns. Two matmuls per layer
+  whatever the mix, so a mixed batch costs about what one adapter costs while R
+  stays small; the cost grows with R, which is why the choice is per layer.
+- "segments": rows grouped by adapter, two matmuls per adapter present; it does
+  no wasted work, so it wins when R is large (many high-rank adapters).
+"auto" picks "dense" for a layer while R <= `dense_max_rank`, else "segments".
+
+Shapes: x (rows, tokens, in), y (rows, tokens, out).
+
+It knows PEFT's LoRA layer attributes (`lora_A`, `lora_B`, `scaling`), nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+BASE = "__base__"
+
+
+def _lora_layers(peft_model: Any) -> list[tuple[str, Any]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+
+
+class BatchedLora:
+    def __init__(self, peft_model: Any, backend: str = "auto", dense_max_rank: int = 512):
+        if backend not in BACKENDS and backend != "auto":
+            raise ValueError(f"unknown LoRA backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+        self.backend = backend
+        self.dense_max_rank = dense_max_rank
+        self.rows: list[str] = []                  # adapter per row, BASE for none
+        self._present: list[str] = []              # adapters in the batch, sorted
+        self._row_index: dict[str, torch.Tensor] = {}
+        self._cache: dict[int, tuple] = {}         # id(layer) -> (adapters, A_cat, B_cat, owner)
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self._handles = []
+        self.attach(peft_model)
+
+    def attach(self, peft_model: Any) -> None:
+        """Hook every LoRA layer not hooked yet (new adapters may add layers)."""
+        hooked = {id(h.module) for h in self._handles}
+        for _, layer in _lora_layers(peft_model):
+            if id(layer) not in hooked:
+                handle = layer.register_forward_hook(self._hook)
+                handle.module = layer
+                self._handles.append(handle)
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def set_rows(self, adapters: list[str]) -> None:
+        """Call before each forward: the adapter of every row of the batch."""
+        if adapters == self.rows:
+            return
+        self.rows = list(adapters)
+        self._masks.clear()
+        self._present = sorted(set(adapters) - {BASE})
+        self._row_index = {a: torch.tensor([i for i, r in enumerate(adapters) if r == a], dtype=torch.long)
+                           for a in self._present}
+
+    def forget(self) -> None:
+        """Adapter weights changed (load, unload, blend): drop the concatenations."""
+        self._cache.clear()
+
+    # -- the hook --------------------------------------------------------------------
+    def _hook(self, layer: Any, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not self._row_index:
+            return None
+        x = args[0]
+        targeted = [a for a in self._present if a in layer.lora_A]
+        if not targeted:
+            return None
+        name = self.backend
+        if name == "auto":
+            rank = sum(layer.lora_A[a].weight.shape[0] for a in targeted)
+            name = "dense" if rank <= self.dense_max_rank else "segments"
+        delta = BACKENDS[name](self, layer, x, targeted)
+        return output + delta.to(output.dtype)
+
+    # -- helpers used by the backends ------------------------------------------------
+    def concat(self, layer: Any, targeted: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
+        """A_cat (R, in), B_cat (out, R) with scales folded in, and (adapter, rank) per block."""
+        hit = self._cache.get(id(layer))
+        if hit is not None and hit[0] == targeted:
+            return hit[1], hit[2], hit[3]
+        a_cat = torch.cat([layer.lora_A[a].weight for a in targeted], dim=0)
+        b_cat = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in targeted], dim=1)
+        blocks = [(a, layer.lora_A[a].weight.shape[0]) for a in targeted]
+        self._cache[id(layer)] = (targeted, a_cat, b_cat, blocks)
+        return a_cat, b_cat, blocks
+
+    def mask(self, blocks: list[tuple[str, int]], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(rows, 1, R): 1 where the column belongs to the row's adapter. Shared by layers with the same blocks."""
+        key = (tuple(blocks), device, dtype)
+        m = self._masks.get(key)
+        if m is None:
+            cols = []
+            for a, r in blocks:
+                own = torch.tensor([1.0 if row == a else 0.0 for row in self.rows], dtype=dtype)
+                cols.append(own.unsqueeze(1).expand(len(self.rows), r))
+            m = torch.cat(cols, dim=1).unsqueeze(1).to(device)
+            self._masks[key] = m
+        return m
+
+
+def _dense(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str]) -> torch.Tensor:
+    a_cat, b_cat, blocks = bl.concat(layer, targeted)
+    xa = x.to(a_cat.dtype) @ a_cat.T                       # (rows, tokens, R)
+    return (xa * bl.mask(blocks, xa.device, xa.dtype)) @ b_cat.T
+
+
+def _segments(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str]) -> torch.Tensor:
+    out_features = layer.lora_B[targeted[0]].weight.shape[0]
+    delta = x.new_zeros((*x.shape[:-1], out_features), dtype=layer.lora_A[targeted[0]].weight.dtype)
+    for a in targeted:
+        idx = bl._row_index[a].to(x.device)
+        A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
+        part = (x.index_select(0, idx).to(A.dtype) @ A.T) @ B.T * layer.scaling[a]
+        delta.index_add_(0, idx, part)
+    return delta
+
+
+def _loop(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str]) -> torch.Tensor:
+    out_features = layer.lora_B[targeted[0]].weight.shape[0]
+    delta = x.new_zeros((*x.shape[:-1], out_features), dtype=layer.lora_A[targeted[0]].weight.dtype)
+    for i, a in enumerate(bl.rows):
+        if a in targeted:
+            A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
+            delta[i] = layer.scaling[a] * (x[i].to(A.dtype) @ A.T @ B.T)
+    return delta
+
+
+BACKENDS: dict[str, Callable[[BatchedLora, Any, torch.Tensor, list[str]], torch.Tensor]] = {
+    "dense": _dense,
+    "segments": _segments,
+    "loop": _loop,
+}
