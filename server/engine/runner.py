@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidAdapter
-from ..lora.batched import BatchedLora
+from ..lora.batched import BASE, BatchedLora
 from ..lora.blend import BlendSpec, build, write_folder
 from ..lora.fit import check_fits
 from ..lora.weights import AdapterFiles
@@ -32,7 +32,6 @@ from ..model import LoadedModel
 
 log = logging.getLogger("loraplex.runner")
 
-BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
 @dataclass
@@ -54,10 +53,6 @@ class ModelRunner:
         self.peft = None            # peft.PeftModel once an adapter is attached
         self.adapters: set[str] = set()
         self.batched: BatchedLora | None = None
-
-    @property
-    def model(self):
-        return self.peft if self.peft is not None else self.base
 
     # -- adapters --------------------------------------------------------------
     def add_adapter(self, name: str, files: AdapterFiles) -> None:

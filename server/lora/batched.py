@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-BASE = "__base__"
+BASE = "__base__"  # the row name for "no adapter" (PEFT's own word for it in adapter_names)
 
 
 def _lora_layers(peft_model: Any) -> list[tuple[str, Any]]:
@@ -99,13 +99,16 @@ class BatchedLora:
         return output + delta.to(output.dtype)
 
     # -- helpers used by the backends ------------------------------------------------
-    def concat(self, layer: Any, targeted: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
-        """A_cat (R, in), B_cat (out, R) with scales folded in, and (adapter, rank) per block."""
+    def concat(self, layer: Any, targeted: list[str], dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
+        """A_cat (R, in), B_cat (out, R) with scales folded in, in the activations' dtype
+        (PEFT keeps adapter weights in float32; a bfloat16 model computes its deltas in
+        bfloat16, as vLLM does), and (adapter, rank) per block."""
         hit = self._cache.get(id(layer))
-        if hit is not None and hit[0] == targeted:
+        if hit is not None and hit[0] == targeted and hit[1].dtype == dtype:
             return hit[1], hit[2], hit[3]
-        a_cat = torch.cat([layer.lora_A[a].weight for a in targeted], dim=0)
-        b_cat = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in targeted], dim=1)
+        a_cat = torch.cat([layer.lora_A[a].weight for a in targeted], dim=0).to(dtype)
+        b_cat = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in targeted], dim=1).to(dtype)
         blocks = [(a, layer.lora_A[a].weight.shape[0]) for a in targeted]
         self._cache[id(layer)] = (targeted, a_cat, b_cat, blocks)
         return a_cat, b_cat, blocks
@@ -125,8 +128,8 @@ class BatchedLora:
 
 
 def _dense(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str]) -> torch.Tensor:
-    a_cat, b_cat, blocks = bl.concat(layer, targeted)
-    xa = x.to(a_cat.dtype) @ a_cat.T                       # (rows, tokens, R)
+    a_cat, b_cat, blocks = bl.concat(layer, targeted, x.dtype)
+    xa = x @ a_cat.T                                        # (rows, tokens, R)
     return (xa * bl.mask(blocks, xa.device, xa.dtype)) @ b_cat.T
 
 
