@@ -83,10 +83,8 @@ def choose_dtype(spec: str, device: torch.device, quantization: str) -> tuple[to
         return torch.float16, "CUDA device without bfloat16 support"
     if quantization != "none":
         return torch.bfloat16, "bitsandbytes computes in bfloat16 on CPU"
-    cap = torch.backends.cpu.get_cpu_capability()
-    if "AMX" in cap.upper():
-        return torch.bfloat16, f"CPU has {cap} (bfloat16 matrix units)"
-    return torch.float32, f"CPU capability {cap}: float32 is exact and bfloat16 gains little without AMX"
+    return torch.float32, ("CPU: float32 is exact; bfloat16 (--dtype bfloat16) decodes faster at large "
+                           "batches on CPUs with AMX but its prefill measured slower here (loadtest/RESULTS.md)")
 
 
 def _complete(folder: Path) -> bool:
