@@ -99,3 +99,48 @@ def test_metrics_from_the_real_engine(server, client):
     steps = [s.value for s in fams["loraplex_batch_size"].samples if s.name == "loraplex_batch_size_count"]
     assert steps and steps[0] >= 4
     assert any(s.value > 0 for s in fams["loraplex_queue_time_seconds"].samples if s.name.endswith("_count"))
+
+
+def test_concurrent_staggered_mixed_batch_equals_peft(server, tiny_model_dir, tiny_store):
+    """Through HTTP: base, two adapters and a blend served concurrently with staggered arrivals;
+    every greedy answer equals PEFT's own generate for that adapter alone (fp32)."""
+    import asyncio
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    blend = {"name": "half-half", "adapters": [{"name": "alpha", "weight": 0.5}, {"name": "beta", "weight": 0.5}],
+             "combination_type": "cat"}
+    r = httpx.post(server.url + "/admin/blends", json=blend)
+    assert r.status_code in (200, 201), r.text
+
+    prompts = ["hello world", "the quick brown fox", "what is the capital of France?"]
+    jobs = [(p, m) for p in prompts for m in ("tiny-llama", "alpha", "beta", "half-half")]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            async def one(i, prompt, model):
+                await asyncio.sleep(0.03 * i)  # staggered: later requests join a running batch
+                r = await c.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 10,
+                                                          "temperature": 0, "ignore_eos": True})
+                return r.json()["choices"][0]["text"]
+            return await asyncio.gather(*(one(i, p, m) for i, (p, m) in enumerate(jobs)))
+    served = asyncio.run(main())
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    base.generation_config.eos_token_id = None
+    ref = PeftModel.from_pretrained(base, tiny_store / "alpha", adapter_name="alpha")
+    ref.load_adapter(tiny_store / "beta", adapter_name="beta")
+    ref.add_weighted_adapter(["alpha", "beta"], [0.5, 0.5], "half-half", combination_type="cat")
+    for (prompt, model), text in zip(jobs, served):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            if model == "tiny-llama":
+                with ref.disable_adapter():
+                    out = ref.generate(input_ids=ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+            else:
+                ref.set_adapter(model)
+                out = ref.generate(input_ids=ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert text == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), (prompt, model)
