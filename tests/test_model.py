@@ -109,3 +109,23 @@ def test_removing_the_last_adapter_restores_the_plain_base(tiny_model_dir, tiny_
         q_proj = engine._runner.base.model.layers[0].self_attn.q_proj
         assert type(q_proj).__name__ == "Linear"
         assert generate(engine, None) == before
+
+
+def test_self_check_passes_for_llama_and_refuses_a_broken_model(tiny_model_dir, tmp_path):
+    from server.config import ModelConfig
+    from server.engine.runner import ModelRunner
+    from server.errors import ConfigError
+
+    loaded = load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32"), tmp_path)
+    runner = ModelRunner(loaded)
+    assert runner.self_check() < 1e-4
+
+    # A model that ignores position ids and attention masks (as an unsupported architecture might)
+    # answers a padded row differently: it must be refused, not served.
+    real_forward = loaded.model.forward
+
+    def careless(*args, attention_mask=None, position_ids=None, **kw):
+        return real_forward(*args, **kw)
+    loaded.model.forward = careless
+    with pytest.raises(ConfigError, match="not supported"):
+        runner.self_check()

@@ -234,6 +234,7 @@ class TorchEngine:
                 torch.set_num_threads(self.cfg.threads)
             loaded = self._loader(self.model_cfg, self.cache_dir)
             self._runner = ModelRunner(loaded, lora_backend=self.cfg.lora_backend)
+            log.info("batched-forward self-check passed (max logit difference %.2g)", self._runner.self_check())
             self._prompt_tok = HFPromptTokenizer(loaded.tokenizer)
             self._decoder = self._prompt_tok.clone()
             self._context, self._eos, self.model_id = loaded.context_length, loaded.eos_token_ids, loaded.model_id

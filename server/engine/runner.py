@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InvalidAdapter
+from ..errors import ConfigError, InvalidAdapter
 from ..lora.batched import BASE, BatchedLora
 from ..lora.blend import BlendSpec, build, write_folder
 from ..lora.fit import check_fits
@@ -128,6 +128,33 @@ class ModelRunner:
         if name in self.adapters:
             self._undo(name, first=len(self.adapters) == 1)
             self.adapters.discard(name)
+
+    # -- start-up check ----------------------------------------------------------
+    @torch.inference_mode()
+    def self_check(self) -> float:
+        """Refuse an architecture this engine would serve wrongly.
+
+        The engine relies on left padding, explicit position ids and a cache whose rows can
+        be selected and merged. A short prompt run alone and run left-padded beside a longer
+        one, then one decode step, must give the same logits; returns the largest difference.
+        """
+        vocab = int(self.base.config.vocab_size)
+        long = [(7 * i + 3) % vocab for i in range(1, 9)]
+        short = long[:4]
+        alone, la = self.prefill([short], [None])
+        both, lb = self.prefill([long, short], [None, None])
+        diff = float((la[0] - lb[1]).abs().max())
+        nxt = int(la[0].argmax())
+        da = self.decode(alone, [nxt])
+        db = self.decode(both, [int(lb[0].argmax()), nxt])
+        diff = max(diff, float((da[0] - db[1]).abs().max()))
+        tol = 1e-3 if self.loaded.dtype == torch.float32 and self.loaded.quantization == "none" else 0.25
+        scale = max(1.0, float(la[0].abs().max()))
+        if diff > tol * scale:
+            arch = ", ".join(getattr(self.base.config, "architectures", None) or [type(self.base).__name__])
+            raise ConfigError(f"model architecture {arch} is not supported: a left-padded batched forward "
+                              f"differs from a single one by {diff:.3g}, so batched answers would be wrong")
+        return diff
 
     # -- forwards ------------------------------------------------------------
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str]) -> torch.Tensor:
