@@ -50,7 +50,8 @@ class BatchedLora:
         self.rows: list[str] = []                  # adapter per row, BASE for none
         self._present: list[str] = []              # adapters in the batch, sorted
         self._row_index: dict[str, torch.Tensor] = {}
-        self._cache: dict[int, tuple] = {}         # id(layer) -> (adapters, A_cat, B_cat, owner)
+        self._cache: dict[int, tuple] = {}         # id(layer) -> (adapters, A_cat^T, B_cat^T, blocks)
+        self._plans: dict[tuple, tuple] = {}       # (id(layer), adapters of the batch) -> (backend, targeted)
         self._masks: dict[tuple, torch.Tensor] = {}
         self._handles = []
         self.attach(peft_model)
@@ -75,86 +76,105 @@ class BatchedLora:
             return
         self.rows = list(adapters)
         self._masks.clear()
+        if len(self._plans) > 4096:  # one entry per layer and batch mix: keep it bounded
+            self._plans.clear()
         self._present = sorted(set(adapters) - {BASE})
         self._row_index = {a: torch.tensor([i for i, r in enumerate(adapters) if r == a], dtype=torch.long)
                            for a in self._present}
 
     def forget(self) -> None:
-        """Adapter weights changed (load, unload, blend): drop the concatenations."""
+        """Adapter weights changed (load, unload, blend): drop the concatenations and plans."""
         self._cache.clear()
+        self._plans.clear()
 
     # -- the hook --------------------------------------------------------------------
     def _hook(self, layer: Any, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Add the rows' deltas to the base layer's output, in place (a fresh tensor of the layer's)."""
         if not self._row_index:
             return None
-        x = args[0]
-        targeted = [a for a in self._present if a in layer.lora_A]
-        if not targeted:
+        plan = self._plan(layer)
+        if plan is None:
             return None
-        name = self.backend
-        if name == "auto":
-            rank = sum(layer.lora_A[a].weight.shape[0] for a in targeted)
-            name = "dense" if rank <= self.dense_max_rank else "segments"
-        delta = BACKENDS[name](self, layer, x, targeted)
-        return output + delta.to(output.dtype)
+        name, targeted = plan
+        BACKENDS[name](self, layer, args[0], targeted, output)
+        return None
+
+    def _plan(self, layer: Any) -> tuple[str, list[str]] | None:
+        """(backend, adapters of the batch that target this layer), cached per layer and batch mix."""
+        key = (id(layer), tuple(self._present))
+        hit = self._plans.get(key)
+        if hit is None:
+            targeted = [a for a in self._present if a in layer.lora_A]
+            if not targeted:
+                hit = (None,)
+            else:
+                name = self.backend
+                if name == "auto":
+                    rank = sum(layer.lora_A[a].weight.shape[0] for a in targeted)
+                    name = "dense" if rank <= self.dense_max_rank else "segments"
+                hit = (name, targeted)
+            self._plans[key] = hit
+        return None if hit[0] is None else hit
 
     # -- helpers used by the backends ------------------------------------------------
     def concat(self, layer: Any, targeted: list[str], dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
-        """A_cat (R, in), B_cat (out, R) with scales folded in, in the activations' dtype
-        (PEFT keeps adapter weights in float32; a bfloat16 model computes its deltas in
+        """A_cat^T (in, R) and B_cat^T (R, out) with scales folded in, in the activations'
+        dtype (PEFT keeps adapter weights in float32; a bfloat16 model computes its deltas in
         bfloat16, as vLLM does), and (adapter, rank) per block."""
         hit = self._cache.get(id(layer))
         if hit is not None and hit[0] == targeted and hit[1].dtype == dtype:
             return hit[1], hit[2], hit[3]
-        a_cat = torch.cat([layer.lora_A[a].weight for a in targeted], dim=0).to(dtype)
-        b_cat = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in targeted], dim=1).to(dtype)
+        a_t = torch.cat([layer.lora_A[a].weight for a in targeted], dim=0).to(dtype).T.contiguous()
+        b_t = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in targeted], dim=1).to(dtype).T.contiguous()
         blocks = [(a, layer.lora_A[a].weight.shape[0]) for a in targeted]
-        self._cache[id(layer)] = (targeted, a_cat, b_cat, blocks)
-        return a_cat, b_cat, blocks
+        self._cache[id(layer)] = (targeted, a_t, b_t, blocks)
+        return a_t, b_t, blocks
 
-    def mask(self, blocks: list[tuple[str, int]], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(rows, 1, R): 1 where the column belongs to the row's adapter. Shared by layers with the same blocks."""
-        key = (tuple(blocks), device, dtype)
+    def mask(self, blocks: list[tuple[str, int]], tokens: int, device: torch.device, dtype: torch.dtype
+             ) -> torch.Tensor:
+        """(rows * tokens, R): 1 where the column belongs to the row's adapter.
+        Shared by every layer with the same blocks, until the batch changes."""
+        key = (tuple(blocks), tokens, device, dtype)
         m = self._masks.get(key)
         if m is None:
             cols = []
             for a, r in blocks:
                 own = torch.tensor([1.0 if row == a else 0.0 for row in self.rows], dtype=dtype)
                 cols.append(own.unsqueeze(1).expand(len(self.rows), r))
-            m = torch.cat(cols, dim=1).unsqueeze(1).to(device)
+            m = torch.cat(cols, dim=1).repeat_interleave(tokens, dim=0).contiguous().to(device)
             self._masks[key] = m
         return m
 
 
-def _dense(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str]) -> torch.Tensor:
-    a_cat, b_cat, blocks = bl.concat(layer, targeted, x.dtype)
-    xa = x @ a_cat.T                                        # (rows, tokens, R)
-    return (xa * bl.mask(blocks, xa.device, xa.dtype)) @ b_cat.T
+def _dense(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str], out: torch.Tensor) -> None:
+    a_t, b_t, blocks = bl.concat(layer, targeted, x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])                          # (rows * tokens, in)
+    xa = torch.mm(x2, a_t)                                   # (rows * tokens, R)
+    xa.mul_(bl.mask(blocks, x.shape[1] if x.dim() == 3 else 1, xa.device, xa.dtype))
+    out2 = out.view(-1, out.shape[-1])
+    if out2.dtype == xa.dtype:
+        out2.addmm_(xa, b_t)
+    else:
+        out2.add_(torch.mm(xa, b_t).to(out2.dtype))
 
 
-def _segments(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str]) -> torch.Tensor:
-    out_features = layer.lora_B[targeted[0]].weight.shape[0]
-    delta = x.new_zeros((*x.shape[:-1], out_features), dtype=layer.lora_A[targeted[0]].weight.dtype)
+def _segments(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str], out: torch.Tensor) -> None:
     for a in targeted:
         idx = bl._row_index[a].to(x.device)
         A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
         part = (x.index_select(0, idx).to(A.dtype) @ A.T) @ B.T * layer.scaling[a]
-        delta.index_add_(0, idx, part)
-    return delta
+        out.index_add_(0, idx, part.to(out.dtype))
 
 
-def _loop(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str]) -> torch.Tensor:
-    out_features = layer.lora_B[targeted[0]].weight.shape[0]
-    delta = x.new_zeros((*x.shape[:-1], out_features), dtype=layer.lora_A[targeted[0]].weight.dtype)
+def _loop(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str], out: torch.Tensor) -> None:
     for i, a in enumerate(bl.rows):
         if a in targeted:
             A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
-            delta[i] = layer.scaling[a] * (x[i].to(A.dtype) @ A.T @ B.T)
-    return delta
+            out[i] += (layer.scaling[a] * (x[i].to(A.dtype) @ A.T @ B.T)).to(out.dtype)
 
 
-BACKENDS: dict[str, Callable[[BatchedLora, Any, torch.Tensor, list[str]], torch.Tensor]] = {
+BACKENDS: dict[str, Callable[[BatchedLora, Any, torch.Tensor, list[str], torch.Tensor], None]] = {
     "dense": _dense,
     "segments": _segments,
     "loop": _loop,
