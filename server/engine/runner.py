@@ -3,7 +3,8 @@
 Owns: the model object (the base, wrapped in a PEFT model once the first
 adapter arrives), attaching and detaching adapters, and the two forwards of a
 batch: `prefill` (left-padded prompts, one pass) and `decode` (one token per
-row), with a `DynamicCache` and rows that can leave (`keep`).
+row), with a KV cache that grows in place (`kvcache.py`), rows that leave (`keep`) and
+rows that join (`merge`).
 
 Each row names its adapter. PEFT holds the adapters' weights, but its LoRA
 layers stay switched off (each computes only its base layer); `BatchedLora`
@@ -29,6 +30,7 @@ from ..lora.blend import BlendSpec, build, write_folder
 from ..lora.fit import check_fits
 from ..lora.weights import AdapterFiles
 from ..model import LoadedModel
+from .kvcache import GrowingCache
 
 log = logging.getLogger("loraplex.runner")
 
@@ -38,7 +40,7 @@ log = logging.getLogger("loraplex.runner")
 class BatchState:
     """The tensors of a running batch. Shapes: B rows, L cached positions."""
 
-    cache: object                   # transformers DynamicCache
+    cache: GrowingCache             # a transformers DynamicCache that grows in place
     attention_mask: torch.Tensor    # (B, L) long, 0 on left padding
     next_position: torch.Tensor     # (B, 1) long, position id of the next token
     adapters: list[str]             # (B,) adapter name per row, BASE for none
@@ -181,8 +183,6 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], adapters: list[str | None]) -> tuple[BatchState, torch.Tensor]:
         """Run left-padded prompts; return the batch state and (B, V) next-token logits."""
-        from transformers import DynamicCache
-
         names = [a if a is not None else BASE for a in adapters]
         missing = {a for a in names if a != BASE and a not in self.adapters}
         if missing:
@@ -195,7 +195,7 @@ class ModelRunner:
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = GrowingCache()
         logits = self._forward(ids, mask, positions, cache, names)
         state = BatchState(cache, mask, positions[:, -1:] + 1, names)
         return state, logits
