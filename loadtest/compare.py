@@ -22,7 +22,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -43,8 +45,11 @@ def make_adapters() -> None:
               "--seed", "100"])
 
 
-def start_server(dtype: str, port: int) -> subprocess.Popen:
-    env = {**os.environ, "LORAPLEX_ADAPTERS__MAX_LOADED_ADAPTERS": "64", "LORAPLEX_ENGINE__MAX_BATCH_SIZE": "64"}
+def start_server(dtype: str, port: int, store: str) -> subprocess.Popen:
+    # A throw-away store keeps the benchmark's registrations out of adapters/.loraplex/state.json;
+    # the adapters themselves are loaded by absolute path from the allowed root adapters/.bench.
+    env = {**os.environ, "LORAPLEX_ADAPTERS__MAX_LOADED_ADAPTERS": "64", "LORAPLEX_ENGINE__MAX_BATCH_SIZE": "64",
+           "LORAPLEX_ADAPTERS__DIR": store, "LORAPLEX_ADAPTERS__ROOTS": str(BENCH)}
     proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--config", str(ROOT / "config.toml"),
                              "--port", str(port), "--dtype", dtype], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -63,7 +68,7 @@ def start_server(dtype: str, port: int) -> subprocess.Popen:
 
 def register(url: str, names: list[str]) -> None:
     for n in names:
-        r = httpx.post(url + "/admin/adapters", json={"name": n, "path": f".bench/{n}"}, timeout=120)
+        r = httpx.post(url + "/admin/adapters", json={"name": n, "path": str(BENCH / n)}, timeout=120)
         if r.status_code not in (200, 201):
             raise SystemExit(f"register {n}: {r.status_code} {r.text}")
 
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     all16 = [f"all16-{i}" for i in range(8)]
     qv8 = [f"qv8-{i}" for i in range(32)]
     url = f"http://127.0.0.1:{a.port}"
-    proc = start_server(a.dtype, a.port)
+    store = tempfile.mkdtemp(prefix="loraplex-bench-")
+    proc = start_server(a.dtype, a.port, store)
     try:
         register(url, all16 + qv8)
         base_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
@@ -134,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         proc.terminate()
         proc.wait(60)
+        shutil.rmtree(store, ignore_errors=True)
     res["e_tutorial_peft"] = tutorial_baseline(a.dtype, all16, a.tokens)
     tp = {k: v["throughput_tok_s"] for k, v in res.items()}
     ratios = {
