@@ -51,7 +51,7 @@ class BatchedLora:
         self.backend = backend
         self.dense_max_rank = dense_max_rank
         self.rows: list[str] = []                  # adapter per row, BASE for none
-        self._present: list[str] = []              # adapters in the batch, sorted
+        self._present: tuple[str, ...] = ()        # adapters in the batch, sorted
         self._row_index: dict[str, torch.Tensor] = {}
         self._cache: dict[int, tuple] = {}         # id(layer) -> (adapters, A_cat^T, B_cat^T, blocks)
         self._plans: dict[tuple, tuple] = {}       # (id(layer), adapters of the batch) -> (backend, targeted)
@@ -81,7 +81,7 @@ class BatchedLora:
         self._masks.clear()
         if len(self._plans) > 4096:  # one entry per layer and batch mix: keep it bounded
             self._plans.clear()
-        self._present = sorted(set(adapters) - {BASE})
+        self._present = tuple(sorted(set(adapters) - {BASE}))
         self._row_index = {a: torch.tensor([i for i, r in enumerate(adapters) if r == a], dtype=torch.long)
                            for a in self._present}
 
@@ -104,7 +104,7 @@ class BatchedLora:
 
     def _plan(self, layer: Any) -> tuple[str, list[str]] | None:
         """(backend, adapters of the batch that target this layer), cached per layer and batch mix."""
-        key = (id(layer), tuple(self._present))
+        key = (id(layer), self._present)
         hit = self._plans.get(key)
         if hit is None:
             targeted = [a for a in self._present if a in layer.lora_A]
