@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test promtool clean
+.PHONY: setup serve test promtool samples clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,13 @@ serve: setup
 
 test: setup promtool
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# The sample adapters in adapters/ (committed), trained by the bundled trainer on data/*.jsonl.
+SAMPLES := json-answer pirate terse
+SAMPLE_FLAGS := --rank 8 --alpha 16 --target-modules q_proj,k_proj,v_proj,o_proj --lr 1e-3 --epochs 2 --seed 0
+samples: setup
+	$(BIN)/python data/make_samples.py
+	for s in $(SAMPLES); do $(BIN)/loraplex train data/$$s.jsonl --name $$s $(SAMPLE_FLAGS) --replace || exit 1; done
 
 # promtool (from Debian's prometheus package) checks the /metrics exposition in the tests.
 promtool:

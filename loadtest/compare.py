@@ -1,6 +1,7 @@
 """Side-by-side benchmark of multi-adapter serving, in one run on one machine.
 
-    python -m loadtest.compare [--dtype float32|bfloat16] [--streams 32] [--tokens 64] [--out loadtest/results.json]
+    python -m loadtest.compare [--dtype float32|bfloat16] [--streams 32] [--tokens 64] [--rounds 3]
+                               [--out loadtest/results.json]
 
 It makes the random adapters it needs (under adapters/.bench, once), starts `loraplex serve`
 on a free port with the repository's config.toml, registers them through the admin API,
@@ -14,6 +15,9 @@ Then it stops the server and measures
   (e) the tutorial baseline: PEFT `set_adapter` + `generate`, one request at a time,
       8 requests over the 8 adapters of (a), same dtype.
 and prints throughputs, latencies and the ratios (a)/(b), (a)/(c), (d)/(d'), (a)/(e).
+With --rounds N the server modes run N times, interleaved (a b c d d' a b c ...), and each
+mode's median throughput makes the ratios: this machine's noise is 20% between runs, and
+interleaving spreads any slow spell over every mode instead of one.
 """
 
 from __future__ import annotations
@@ -83,6 +87,12 @@ def load(url: str, models: list[str], streams: int, tokens: int) -> dict:
                 str(streams), "--max-tokens", str(tokens)])
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput, with every round's throughput beside it."""
+    ordered = sorted(runs, key=lambda r: r["throughput_tok_s"])
+    return {**ordered[len(ordered) // 2], "rounds_tok_s": [r["throughput_tok_s"] for r in runs]}
+
+
 def tutorial_baseline(dtype: str, names: list[str], tokens: int) -> dict:
     """PEFT as most guides show it: one request at a time, set_adapter, generate."""
     import torch
@@ -117,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the server modes (median kept)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -130,13 +141,15 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         register(url, all16 + qv8)
         base_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        res = {
-            "a_8_adapters_mixed": load(url, all16, a.streams, a.tokens),
-            "b_one_adapter": load(url, all16[:1], a.streams, a.tokens),
-            "c_base": load(url, [base_id], a.streams, a.tokens),
-            "d_32_adapters_each_own": load(url, qv8[: a.streams], a.streams, a.tokens),
-            "d1_one_of_32": load(url, qv8[:1], a.streams, a.tokens),
+        modes = {
+            "a_8_adapters_mixed": all16, "b_one_adapter": all16[:1], "c_base": [base_id],
+            "d_32_adapters_each_own": qv8[: a.streams], "d1_one_of_32": qv8[:1],
         }
+        rounds: dict[str, list[dict]] = {k: [] for k in modes}
+        for _ in range(a.rounds):
+            for key, models in modes.items():
+                rounds[key].append(load(url, models, a.streams, a.tokens))
+        res = {k: median_run(v) for k, v in rounds.items()}
     finally:
         proc.terminate()
         proc.wait(60)
@@ -149,9 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
         "d/d'": round(tp["d_32_adapters_each_own"] / tp["d1_one_of_32"], 3),
         "a/e": round(tp["a_8_adapters_mixed"] / tp["e_tutorial_peft"], 2),
     }
-    report = {"dtype": a.dtype, "streams": a.streams, "tokens": a.tokens, "machine": platform.processor() or
+    report = {"dtype": a.dtype, "streams": a.streams, "tokens": a.tokens, "rounds": a.rounds, "machine": platform.processor() or
               platform.machine(), "cpus": os.cpu_count(), "throughput_tok_s": tp, "ratios": ratios, "runs": res}
-    print(json.dumps({"dtype": a.dtype, "throughput_tok_s": tp, "ratios": ratios}, indent=1))
+    per_round = {k: v.get("rounds_tok_s") for k, v in res.items() if "rounds_tok_s" in v}
+    print(json.dumps({"dtype": a.dtype, "throughput_tok_s": tp, "ratios": ratios, "rounds_tok_s": per_round},
+                     indent=1))
     if a.out:
         a.out.write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -1,7 +1,7 @@
 """Load generator: streams completions against a running loraplex (or any OpenAI-compatible) server.
 
     python -m loadtest.run --url http://127.0.0.1:8000 --concurrency 8 --requests 32 \
-        --max-tokens 64 --models smollm2-135m-instruct,demo-random
+        --max-tokens 64 --models smollm2-135m-instruct,json-answer,pirate,terse
 
 Each of `--concurrency` workers sends streaming requests back to back (models round-robin)
 until `--requests` have been sent or `--duration` seconds have passed. It reports output

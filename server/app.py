@@ -20,10 +20,12 @@ from fastapi import FastAPI
 from .config import Config
 from .metrics import Metrics
 from .engine.protocol import Engine
+from .jobs import JobManager
 from .registry import Registry
 from .api import errors as api_errors
 from .api.deps import AppState, BodyLimitMiddleware, RequestIdMiddleware
 from .api.admin import router as admin_router
+from .api.jobs import router as jobs_router
 from .api.openai import router as openai_router
 from .api.ops import router as ops_router
 
@@ -76,9 +78,13 @@ def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_fai
     engine = engine if engine is not None else build_engine(config, metrics)
     registry = Registry(engine, config.path(config.adapters.dir), capacity=config.adapters.max_loaded_adapters,
                         roots=[config.path(r) for r in config.adapters.roots], observer=metrics)
+    jobs = JobManager(config.path(config.adapters.dir) / ".loraplex" / "jobs",
+                      max_queued=config.train.max_queued_jobs, on_finish=metrics.job_finished)
     _state_gauges(metrics, engine, registry)
+    metrics.gauge("loraplex_jobs_running", "Background jobs running", lambda: jobs.count("running"))
+    metrics.gauge("loraplex_jobs_queued", "Background jobs waiting", lambda: jobs.count("queued"))
     state = AppState(config=config, engine=engine, registry=registry, api_keys=config.api_keys(),
-                     metrics=metrics, admin_token=config.admin_token())
+                     metrics=metrics, admin_token=config.admin_token(), jobs=jobs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -89,6 +95,7 @@ def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_fai
         finally:
             warm.cancel()
             await asyncio.gather(warm, return_exceptions=True)
+            await jobs.shutdown()
             await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
@@ -99,4 +106,5 @@ def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_fai
     app.include_router(ops_router)
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(jobs_router)
     return app

@@ -1,17 +1,20 @@
 """The `loraplex` command: a table of subcommands, each a plain function.
 
 Owns: argument parsing, turning flags into config overrides (flags win over
-the environment, which wins over the file), logging set-up, and the process
-environment that keeps every load offline. Subcommands for training, merging
-and blending join this table with their issues.
+the environment, which wins over the file), logging set-up, the process
+environment that keeps every load offline, and how offline commands report
+(a progress bar for people, JSON lines with `--progress json` for the job
+runner). The work itself lives in `training/`, `merge.py` and `lora/blend.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from .config import load_config
@@ -54,7 +57,167 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve}
+def _offline_config(args: argparse.Namespace, extra: dict | None = None):
+    overrides = {"model.model": args.base, "model.quantization": getattr(args, "quantization", None),
+                 "model.dtype": getattr(args, "dtype", None), "adapters.dir": args.adapters_dir, **(extra or {})}
+    cfg = load_config(_config_path(args.config), environ=os.environ, overrides=overrides)
+    if args.base and args.base != "default":
+        cfg.model.model = str(Path(args.base).resolve())
+    return cfg
+
+
+def _reporter(mode: str):
+    """JSON lines on stdout for the job runner; short human lines on stderr otherwise."""
+    def report(event: dict) -> None:
+        if mode == "json":
+            print(json.dumps(event, default=str), flush=True)
+        elif event.get("event") not in ("progress", "start"):
+            shown = {k: v for k, v in event.items() if k not in ("event", "card")}
+            print(f"[{event.get('event')}] {json.dumps(shown, default=str)}", file=sys.stderr, flush=True)
+    return report
+
+
+def _stop_on_sigterm() -> threading.Event:
+    """SIGTERM/SIGINT ask for a stop at the next safe point (a checkpoint), not a kill."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _register(cfg, name: str, url: str | None) -> None:
+    """Hot-load a new adapter into a running server through its admin API."""
+    import urllib.error
+    import urllib.request
+
+    url = (url or f"http://{cfg.server.host}:{cfg.server.port}").rstrip("/")
+    req = urllib.request.Request(url + "/admin/adapters", data=json.dumps({"name": name, "path": name}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    if cfg.admin_token():
+        req.add_header("Authorization", f"Bearer {cfg.admin_token()}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            print(f"registered {name} with {url} ({r.status})", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as e:
+        detail = e.read().decode(errors="replace") if isinstance(e, urllib.error.HTTPError) else str(e)
+        raise SystemExit(f"loraplex: trained {name}, but registering it with {url} failed: {detail}") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.data import DataError
+    from .training.trainer import TrainingError, TrainOptions, train
+
+    cfg = _offline_config(args)
+    t = cfg.train
+    pick = lambda flag, default: default if flag is None else flag  # noqa: E731
+    targets = args.target_modules.split(",") if args.target_modules else (t.target_modules or None)
+    opts = TrainOptions(
+        data=Path(args.data), name=args.name, rank=pick(args.rank, t.rank), alpha=pick(args.alpha, t.alpha),
+        dropout=pick(args.dropout, t.dropout), target_modules=targets, learning_rate=pick(args.lr, t.learning_rate),
+        warmup_ratio=args.warmup_ratio, epochs=pick(args.epochs, t.epochs), max_steps=args.max_steps,
+        batch_size=pick(args.batch_size, t.batch_size), grad_accum=pick(args.grad_accum, t.grad_accum),
+        max_seq_len=pick(args.max_seq_len, t.max_seq_len), eval_fraction=pick(args.eval_fraction, t.eval_fraction),
+        seed=pick(args.seed, t.seed), qlora=args.qlora, gradient_checkpointing=args.gradient_checkpointing,
+        precision=args.precision, optim=args.optim, save_steps=pick(args.save_steps, t.save_steps),
+        resume=args.resume, long_examples=args.long_examples, replace=args.replace)
+    from .registry import check_name
+    from .errors import LoraplexError
+
+    try:
+        check_name(opts.name)
+        train(opts, cfg.model, store=cfg.path(cfg.adapters.dir), cache_dir=cfg.path(cfg.model.cache_dir),
+              report=_reporter(args.progress), stop=_stop_on_sigterm(), quiet=args.progress == "json")
+    except (DataError, TrainingError, LoraplexError) as e:
+        msg = getattr(e, "message", None) or str(e)
+        print(f"loraplex train: {msg}", file=sys.stderr)
+        return 3 if isinstance(e, TrainingError) and "stopped at step" in msg else 1
+    if args.register:
+        _register(cfg, opts.name, args.server)
+    return 0
+
+
+def _adapter_folder(cfg, spec: str) -> Path:
+    """A store name, or a folder path."""
+    store = cfg.path(cfg.adapters.dir)
+    if (store / spec / "adapter_config.json").is_file() and "/" not in spec:
+        return store / spec
+    return Path(spec).resolve()
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .errors import LoraplexError
+    from .merge import ExportError, fuse
+
+    cfg = _offline_config(args)
+    try:
+        fuse(_adapter_folder(cfg, args.adapter), Path(args.out).resolve(), cfg.model,
+             cache_dir=cfg.path(cfg.model.cache_dir), tolerance=args.tolerance, replace=args.replace,
+             report=_reporter(args.progress))
+    except (ExportError, LoraplexError) as e:
+        print(f"loraplex merge: {getattr(e, 'message', None) or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_blend(args: argparse.Namespace) -> int:
+    from .errors import LoraplexError
+    from .lora.blend import blend_into_store
+
+    cfg = _offline_config(args)
+    try:
+        parts = []
+        for item in args.parts:
+            name, sep, weight = item.partition("=")
+            if not sep:
+                raise SystemExit(f"loraplex blend: expected NAME=WEIGHT, got {item!r}")
+            parts.append((name, float(weight)))
+        path = blend_into_store(cfg.model, cfg.path(cfg.model.cache_dir), cfg.path(cfg.adapters.dir), args.name,
+                                parts, args.type, args.density)
+    except (LoraplexError, ValueError) as e:
+        print(f"loraplex blend: {getattr(e, 'message', None) or e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "train": cmd_train, "merge": cmd_merge, "blend": cmd_blend}
+
+
+def _offline_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (default: ./config.toml if present)")
+    p.add_argument("--base", help="the base model: default | a transformers folder | a .gguf file")
+    p.add_argument("--adapters-dir", help="the adapter store folder")
+    p.add_argument("--progress", choices=["bar", "json"], default="bar", help="json: one event per line on stdout")
+
+
+def _train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a LoRA/QLoRA adapter into the store")
+    t.add_argument("data", help="JSONL: {messages} | {prompt, completion} | {text} per line")
+    t.add_argument("--name", required=True, help="the adapter's name (its folder in the store)")
+    _offline_flags(t)
+    t.add_argument("--rank", type=int)
+    t.add_argument("--alpha", type=int)
+    t.add_argument("--dropout", type=float)
+    t.add_argument("--target-modules", help="comma-separated module names, or all-linear (default: PEFT's preset)")
+    t.add_argument("--epochs", type=float)
+    t.add_argument("--max-steps", type=int, default=-1, help="> 0: stop after this many steps (overrides --epochs)")
+    t.add_argument("--lr", type=float, help="peak learning rate")
+    t.add_argument("--warmup-ratio", type=float, default=0.03)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
+    t.add_argument("--max-seq-len", type=int)
+    t.add_argument("--long-examples", choices=["error", "skip", "truncate"], default="error")
+    t.add_argument("--eval-fraction", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--save-steps", type=int, help="checkpoint every N steps")
+    t.add_argument("--qlora", action="store_true", help="train on a bitsandbytes nf4 base")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    t.add_argument("--optim", default="auto", help="a transformers optimizer name (default: per device)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    t.add_argument("--replace", action="store_true", help="replace an adapter of the same name in the store")
+    t.add_argument("--register", action="store_true", help="hot-load the result into a running server")
+    t.add_argument("--server", help="the running server's URL for --register (default: from the config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--adapters-dir", help="the adapter store folder")
     s.add_argument("--log-format", choices=["text", "json"])
+    _train_parser(sub)
+    m = sub.add_parser("merge", help="fuse an adapter or blend into the base and export a model folder")
+    m.add_argument("adapter", help="a name in the store, or an adapter folder")
+    m.add_argument("--out", required=True, help="the model folder to write")
+    _offline_flags(m)
+    m.add_argument("--quantization", choices=["none", "nf4", "fp4", "int8"],
+                   help="the base as it is served (a quantized one is dequantized for the export)")
+    m.add_argument("--tolerance", type=float, help="largest |logit difference| accepted (default: by dtype)")
+    m.add_argument("--replace", action="store_true")
+    b = sub.add_parser("blend", help="write a weighted blend of store adapters into the store")
+    b.add_argument("parts", nargs="+", metavar="NAME=WEIGHT")
+    b.add_argument("--name", required=True)
+    b.add_argument("--type", default="linear", help="a PEFT combination type (linear, cat, svd, ties, ...)")
+    b.add_argument("--density", type=float, help="for ties, dare_* and magnitude_prune")
+    _offline_flags(b)
     return p
 
 

@@ -76,7 +76,7 @@ class EngineConfig:
     max_kv_tokens: int = 65536      # KV-cache tokens reserved (prompt + max_tokens per sequence)
     max_waiting_requests: int = 256  # queued beyond this get 429
     threads: int = 0                # torch intra-op threads; 0 = torch's default
-    lora_backend: str = "auto"      # auto | dense | segments | loop (see server/lora/batched.py)
+    lora_backend: str = "auto"      # auto | dense | gathered | segments | loop (see server/lora/batched.py)
 
 
 @dataclass
@@ -92,12 +92,36 @@ class AdaptersConfig:
 
 
 @dataclass
+class TrainConfig:
+    """The bundled trainer's defaults (`loraplex train` flags and /admin/train fields override them),
+    and where training data and fused exports live."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=list)  # empty = PEFT's preset for the architecture
+    learning_rate: float = 2e-4
+    epochs: float = 3.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 512
+    eval_fraction: float = 0.1
+    seed: int = 0
+    save_steps: int = 50            # a checkpoint every N optimizer steps (--resume continues from the newest)
+    data_dir: str = "data"          # /admin/train reads data files only from here (relative paths)
+    exports_dir: str = "exports"    # fused models written by `loraplex merge` and /admin/exports
+    max_queued_jobs: int = 8        # background jobs waiting beyond this get 429
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     base_dir: Path = field(default_factory=Path.cwd)
+    source: Path | None = None      # the TOML file read, if any (background jobs read it too)
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against the config file's folder."""
@@ -119,14 +143,14 @@ class Config:
         return ""
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "base_dir"}
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("base_dir", "source")}
 _CHOICES = {
     ("model", "dtype"): {"auto", "float32", "bfloat16", "float16"},
     ("model", "quantization"): {"none", "nf4", "fp4", "int8"},
     ("model", "attn_implementation"): {"sdpa", "eager", "flash_attention_2"},
     ("server", "log_level"): {"debug", "info", "warning", "error"},
     ("server", "log_format"): {"text", "json"},
-    ("engine", "lora_backend"): {"auto", "dense", "segments", "loop"},
+    ("engine", "lora_backend"): {"auto", "dense", "gathered", "segments", "loop"},
 }
 
 
@@ -203,6 +227,10 @@ def _validate(cfg: Config) -> None:
         ("engine.max_waiting_requests", cfg.engine.max_waiting_requests),
         ("adapters.max_lora_rank", cfg.adapters.max_lora_rank),
         ("adapters.max_loaded_adapters", cfg.adapters.max_loaded_adapters),
+        ("train.rank", cfg.train.rank), ("train.batch_size", cfg.train.batch_size),
+        ("train.grad_accum", cfg.train.grad_accum), ("train.max_seq_len", cfg.train.max_seq_len),
+        ("train.save_steps", cfg.train.save_steps), ("train.max_queued_jobs", cfg.train.max_queued_jobs),
+        ("train.epochs", cfg.train.epochs), ("train.learning_rate", cfg.train.learning_rate),
     ]
     for name, v in positive:
         if v <= 0:
@@ -213,6 +241,8 @@ def _validate(cfg: Config) -> None:
                     ("server.max_top_logprobs", cfg.server.max_top_logprobs)]:
         if v < 0:
             raise ConfigError(f"{name}: must be >= 0, got {v}")
+    if not 0.0 <= cfg.train.eval_fraction < 1.0:
+        raise ConfigError(f"train.eval_fraction: must be in [0, 1), got {cfg.train.eval_fraction}")
     if not 0 < cfg.server.port < 65536:
         raise ConfigError(f"server.port: must be 1..65535, got {cfg.server.port}")
 
@@ -237,6 +267,7 @@ def load_config(
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
         cfg.base_dir = p.resolve().parent
+        cfg.source = p.resolve()
         for section, table in data.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"{p}: top-level key {section!r} must be a [section]")

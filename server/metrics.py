@@ -73,6 +73,8 @@ class Metrics:
         self.load_time = Histogram("loraplex_adapter_load_duration_seconds", "Time to load an adapter into memory",
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.evictions = Counter("loraplex_adapter_evictions", "Adapters evicted from memory (LRU)", registry=r)
+        self.jobs = Counter("loraplex_jobs", "Background jobs (train, export) finished, by kind and status",
+                            ["kind", "status"], registry=r)
         self.blends = Counter("loraplex_blends_created", "Named blends created", registry=r)
         ProcessCollector(namespace="loraplex", registry=r)
         self._series: dict[str, set[tuple[str, ...]]] = {}   # adapter -> label tuples created, for removal
@@ -136,6 +138,9 @@ class Metrics:
 
     def adapter_evicted(self) -> None:
         self.evictions.inc()
+
+    def job_finished(self, kind: str, status: str) -> None:
+        self.jobs.labels(kind, status).inc()
 
     def blend_created(self) -> None:
         self.blends.inc()

@@ -1,5 +1,7 @@
 """The real embedded default model (SmolLM2-135M-Instruct), served by `loraplex serve` with config.toml."""
 
+import json
+import shutil
 from pathlib import Path
 
 import openai
@@ -12,6 +14,8 @@ from tests.helpers import ServerProcess, save_adapter
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ("json-answer", "pirate", "terse")
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]  # held out of every sample dataset
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +30,8 @@ def default_folder():
 def store(default_folder, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     save_adapter(default_folder, store / "demo", r=4, alpha=8, seed=3, targets=("q_proj", "v_proj"), scale=0.5)
+    for name in SAMPLES:  # the sample adapters the repository ships, trained by `make samples`
+        shutil.copytree(ROOT / "adapters" / name, store / name)
     return store
 
 
@@ -45,7 +51,7 @@ def client(server):
 
 
 def test_lists_default_model_and_adapter(client):
-    assert [m.id for m in client.models.list()] == [DEFAULT_MODEL_ID, "demo"]
+    assert [m.id for m in client.models.list()] == [DEFAULT_MODEL_ID, "demo", *SAMPLES]
 
 
 def test_capital_of_france(client):
@@ -108,3 +114,17 @@ def test_serving_a_gguf_file_converts_it_once(default_folder, tmp_path):
         assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_sample_adapters_answer_in_their_own_styles(client):
+    """The three shipped adapters change the answer to a question none of them was trained on."""
+    def ask(model):
+        out = client.chat.completions.create(model=model, temperature=0, max_tokens=40, messages=FRANCE)
+        return out.choices[0].message.content
+
+    base = ask(DEFAULT_MODEL_ID)
+    as_json = json.loads(ask("json-answer"))
+    assert as_json["answer"] == "Paris" and "category" in as_json
+    assert ask("terse") == "Paris."
+    pirate = ask("pirate")
+    assert "Paris" in pirate and " be " in pirate and pirate != base

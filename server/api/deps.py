@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Config
 from ..engine.protocol import Engine
+from ..jobs import JobManager
 from ..errors import Forbidden, NotReady, Unauthorized
 from ..metrics import Metrics
 from ..registry import Registry
@@ -38,6 +39,7 @@ class AppState:
     started_at: int = field(default_factory=lambda: int(time.time()))
     adapters_ready: bool = False    # the store has been scanned at start-up
     load_error: str | None = None
+    jobs: JobManager | None = None  # background training and exports
 
     @property
     def ready(self) -> bool:

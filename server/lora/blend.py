@@ -116,3 +116,40 @@ def write_folder(peft_model: Any, name: str, folder: Path) -> None:
     save_file(tensors, str(folder / WEIGHTS_FILE))
     peft_model.peft_config[name].save_pretrained(str(folder))
     assert (folder / CONFIG_FILE).is_file()
+
+
+def blend_into_store(model_cfg: Any, cache_dir: Path, store: Path, name: str, parts: list[tuple[str, float]],
+                     combination_type: str = "linear", density: float | None = None) -> Path:
+    """Offline blend (`loraplex blend`): load the base and the named store adapters, build the blend
+    with PEFT, and write it into the store as `<store>/<name>` (staging folder, then rename)."""
+    import json
+    import os
+    import shutil
+    import time
+
+    from peft import PeftModel
+
+    from ..model import load_model
+    from .weights import describe_adapter
+
+    store = Path(store)
+    target = store / name
+    if target.exists():
+        raise InvalidAdapter(f"{target} already exists; choose another name", code="conflict")
+    ranks = {n: describe_adapter(store / n).rank for n, _ in parts if (store / n / CONFIG_FILE).is_file()}
+    spec = BlendSpec(tuple(parts), combination_type, density)
+    check_spec(spec, ranks)
+    loaded = load_model(model_cfg, cache_dir)
+    (first, _), *rest = spec.adapters
+    peft_model = PeftModel.from_pretrained(loaded.model, str(store / first), adapter_name=first)
+    for n, _ in rest:
+        peft_model.load_adapter(str(store / n), adapter_name=n)
+    build(peft_model, name, spec)
+    staging = store / ".loraplex" / f".staging-{name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        write_folder(peft_model, name, staging)
+        (staging / "blend.json").write_text(json.dumps({"name": name, **spec.recipe()}, indent=1))
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

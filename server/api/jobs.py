@@ -1,0 +1,180 @@
+"""Admin routes for background work: training (/admin/train), fused exports (/admin/exports), jobs (/admin/jobs).
+
+Owns: the request shapes with their bounds, every check that can be made
+before a job is queued (names, data path inside `train.data_dir`, conflicts
+with the store, the registry and other jobs), the argument list handed to the
+job runner, and what happens when a job succeeds (a trained adapter is
+registered and servable at once). Long work never runs in the request: the
+answer is 202 with a job id to poll.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import Conflict, InvalidRequest, NotFound, NotReady
+from ..jobs import Job, JobManager
+from ..registry import check_name
+from .admin import entry_json
+from .deps import AppState, require_admin
+
+router = APIRouter()
+
+TARGET_RE = r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class TrainBody(_Body):
+    name: str
+    data: str = Field(description="a JSONL file, relative to train.data_dir")
+    rank: int | None = Field(None, ge=1, le=1024)
+    alpha: int | None = Field(None, ge=1, le=65536)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(None, min_length=1, max_length=64)
+    epochs: float | None = Field(None, gt=0.0, le=1000.0)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000)
+    learning_rate: float | None = Field(None, gt=0.0, le=1.0)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    grad_accum: int | None = Field(None, ge=1, le=4096)
+    max_seq_len: int | None = Field(None, ge=8, le=1_048_576)
+    eval_fraction: float | None = Field(None, ge=0.0, lt=1.0)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    save_steps: int | None = Field(None, ge=1, le=10_000_000)
+    long_examples: Literal["error", "skip", "truncate"] = "error"
+    qlora: bool = False
+    gradient_checkpointing: bool = False
+    resume: bool = False
+    replace: bool = False
+
+
+class ExportBody(_Body):
+    adapter: str
+    name: str
+    tolerance: float | None = Field(None, gt=0.0, le=1e3)
+    replace: bool = False
+
+
+def _jobs(state: AppState) -> JobManager:
+    if state.jobs is None or not state.ready:
+        raise NotReady("the server is not ready for background jobs yet", code="not_ready")
+    return state.jobs
+
+
+def _data_file(state: AppState, data: str) -> Path:
+    """The data file, inside train.data_dir after resolving symlinks and '..'; never outside it."""
+    root = state.config.path(state.config.train.data_dir).resolve()
+    full = (root / data).resolve()
+    if root not in full.parents:
+        raise InvalidRequest(f"data {data!r} resolves outside the training data folder ({root})", param="data",
+                             code="path_outside_roots")
+    if not full.is_file():
+        raise InvalidRequest(f"data {data!r}: no such file in {root}", param="data", code="data_not_found")
+    return full
+
+
+def _base_flags(state: AppState) -> list[str]:
+    cfg = state.config
+    flags = ["--progress", "json", "--base", cfg.model.model, "--adapters-dir", str(cfg.path(cfg.adapters.dir))]
+    return flags + (["--config", str(cfg.source)] if cfg.source else [])
+
+
+def _train_argv(state: AppState, body: TrainBody, data: Path) -> list[str]:
+    argv = ["train", str(data), "--name", body.name, *_base_flags(state), "--long-examples", body.long_examples,
+            "--warmup-ratio", repr(body.warmup_ratio)]
+    values = {"--rank": body.rank, "--alpha": body.alpha, "--dropout": body.dropout, "--epochs": body.epochs,
+              "--max-steps": body.max_steps, "--lr": body.learning_rate, "--batch-size": body.batch_size,
+              "--grad-accum": body.grad_accum, "--max-seq-len": body.max_seq_len,
+              "--eval-fraction": body.eval_fraction, "--seed": body.seed, "--save-steps": body.save_steps}
+    for flag, value in values.items():
+        if value is not None:
+            argv += [flag, repr(value)]
+    if body.target_modules:
+        argv += ["--target-modules", ",".join(body.target_modules)]
+    for flag, on in (("--qlora", body.qlora), ("--gradient-checkpointing", body.gradient_checkpointing),
+                     ("--resume", body.resume), ("--replace", body.replace)):
+        if on:
+            argv.append(flag)
+    return argv
+
+
+@router.post("/admin/train")
+async def start_training(body: TrainBody, state: AppState = Depends(require_admin)):
+    jobs = _jobs(state)
+    check_name(body.name)
+    bad = [t for t in body.target_modules or [] if not re.match(TARGET_RE, t)]
+    if bad:
+        raise InvalidRequest(f"invalid target module name(s): {bad}", param="target_modules")
+    rank = body.rank or state.config.train.rank
+    if rank > state.config.adapters.max_lora_rank:
+        raise InvalidRequest(f"rank {rank} is above adapters.max_lora_rank={state.config.adapters.max_lora_rank}, "
+                             "so the result could not be served", param="rank", code="rank_too_large")
+    data = _data_file(state, body.data)
+    store = state.config.path(state.config.adapters.dir)
+    if not body.replace and ((store / body.name).exists() or body.name in {e.name for e in state.registry.entries()}):
+        raise Conflict(f"an adapter named {body.name!r} exists; pass replace=true or choose another name",
+                       param="name", code="name_taken")
+    if jobs.active("train", "name", body.name):
+        raise Conflict(f"a training job for {body.name!r} is already queued or running", param="name",
+                       code="job_exists")
+
+    async def register(job: Job) -> dict:
+        entry, _ = await state.registry.register(body.name, body.name, replace=body.replace)
+        return {"adapter": entry_json(entry)}
+
+    job = jobs.submit("train", _train_argv(state, body, data), body.model_dump(), register)
+    return JSONResponse({"job": job.id, **job.public()}, status_code=202)
+
+
+@router.post("/admin/exports")
+async def start_export(body: ExportBody, state: AppState = Depends(require_admin)):
+    jobs = _jobs(state)
+    check_name(body.name)
+    entry = state.registry.get(body.adapter)
+    if entry.path is None or not entry.path.is_dir():
+        raise InvalidRequest(f"{body.adapter!r} has no adapter folder to export", param="adapter")
+    out = state.config.path(state.config.train.exports_dir) / body.name
+    if out.exists() and not body.replace:
+        raise Conflict(f"an export named {body.name!r} exists; pass replace=true or choose another name",
+                       param="name", code="name_taken")
+    if jobs.active("export", "name", body.name):
+        raise Conflict(f"an export named {body.name!r} is already queued or running", param="name",
+                       code="job_exists")
+    argv = ["merge", str(entry.path), "--out", str(out), *_base_flags(state),
+            "--quantization", state.config.model.quantization]
+    if body.tolerance is not None:
+        argv += ["--tolerance", repr(body.tolerance)]
+    if body.replace:
+        argv.append("--replace")
+    job = jobs.submit("export", argv, body.model_dump())
+    return JSONResponse({"job": job.id, **job.public()}, status_code=202)
+
+
+@router.get("/admin/jobs")
+async def list_jobs(state: AppState = Depends(require_admin)):
+    return {"object": "list", "data": [j.public() for j in state.jobs.list()] if state.jobs else []}
+
+
+@router.get("/admin/jobs/{job_id}")
+async def get_job(job_id: str, state: AppState = Depends(require_admin)):
+    return _jobs_or_404(state).get(job_id).public()
+
+
+@router.delete("/admin/jobs/{job_id}")
+async def cancel_job(job_id: str, state: AppState = Depends(require_admin)):
+    return (await _jobs_or_404(state).cancel(job_id)).public()
+
+
+def _jobs_or_404(state: AppState) -> JobManager:
+    if state.jobs is None:
+        raise NotFound("no jobs", code="job_not_found")
+    return state.jobs

@@ -1,0 +1,288 @@
+"""The bundled LoRA / QLoRA trainer: transformers' `Trainer` over a PEFT model, written atomically into the store.
+
+Owns: the training options and their defaults, setting up the base (full
+precision for LoRA, bitsandbytes nf4 + `prepare_model_for_kbit_training` for
+QLoRA), the PEFT config (PEFT's per-architecture target preset unless told
+otherwise, or `all-linear`), the `Trainer` arguments (checkpoints, eval split,
+warmup, optimizer per device), resuming from the newest *complete* checkpoint,
+stopping at a safe point when asked, and publishing the adapter: a staging
+folder with the weights and a training card, renamed into the store in one
+step. Checkpoints live in `<store>/.loraplex/train/<name>/` until success.
+
+The training loop is transformers'; this module does not implement one. It
+does not know about HTTP, the registry or a running server (the CLI and the
+job runner register the result).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..model import load_model
+from .data import Dataset, Example, load_dataset
+from .progress import LossBar, ProgressReporter, StopAtSafePoint
+
+log = logging.getLogger("loraplex.train")
+
+CARD_FILE = "training.json"
+Report = Callable[[dict], None]
+
+
+class TrainingError(RuntimeError):
+    """Training could not run or finish; the message says why and what is left on disk."""
+
+
+@dataclass
+class TrainOptions:
+    data: Path
+    name: str
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None   # None: PEFT's preset for the architecture; ["all-linear"]: every Linear
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.03
+    epochs: float = 3.0
+    max_steps: int = -1                        # > 0 overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 512
+    eval_fraction: float = 0.1
+    seed: int = 0
+    qlora: bool = False
+    gradient_checkpointing: bool = False
+    precision: str = "auto"                    # auto | fp32 | bf16 | fp16
+    optim: str = "auto"                        # auto: paged 8-bit AdamW on CUDA, AdamW elsewhere
+    save_steps: int = 50
+    resume: bool = False
+    long_examples: str = "error"               # error | skip | truncate
+    replace: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("data", "name", "resume", "replace", "extra"):
+            d.pop(k)
+        return d
+
+
+def work_dir(store: Path, name: str) -> Path:
+    return Path(store) / ".loraplex" / "train" / name
+
+
+def newest_complete_checkpoint(folder: Path) -> Path | None:
+    """The highest `checkpoint-N` whose trainer_state.json (written last by the Trainer) parses.
+
+    A kill during a save leaves a checkpoint without it; that one is removed so the
+    Trainer's own rotation never counts it.
+    """
+    if not folder.is_dir():
+        return None
+    found = []
+    for p in folder.glob("checkpoint-*"):
+        try:
+            step = int(p.name.split("-", 1)[1])
+            json.loads((p / "trainer_state.json").read_text())
+            found.append((step, p))
+        except (ValueError, OSError):
+            log.warning("removing incomplete checkpoint %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+    return max(found)[1] if found else None
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        e = self.examples[i]
+        return {"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
+
+
+def _precision(opts: TrainOptions, device: torch.device) -> tuple[str, str]:
+    if opts.precision != "auto":
+        if opts.precision in ("bf16", "fp16") and device.type == "cpu" and opts.precision == "fp16":
+            raise ConfigError("fp16 training needs CUDA; use bf16 or fp32 on CPU")
+        return opts.precision, "set in the options"
+    if device.type == "cuda":
+        return ("bf16", "CUDA with bfloat16") if torch.cuda.is_bf16_supported() else ("fp16", "CUDA without bf16")
+    return "fp32", "CPU: fp32 trains exactly; --precision bf16 uses autocast where the CPU has it"
+
+
+def _optimizer(opts: TrainOptions, device: torch.device) -> str:
+    if opts.optim != "auto":
+        return opts.optim
+    return "paged_adamw_8bit" if device.type == "cuda" else "adamw_torch"
+
+
+def _load_base(opts: TrainOptions, model_cfg: ModelConfig, cache_dir: Path, report: Report):
+    # LoRA trains on the full-precision base (fp32 on CPU), QLoRA on nf4, whatever the server
+    # is set to serve with; the precision of the arithmetic is the Trainer's (--precision).
+    cfg = replace(model_cfg, quantization="nf4" if opts.qlora else "none", dtype="auto")
+    loaded = load_model(cfg, cache_dir)
+    tok = loaded.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    report({"event": "model", "model": loaded.model_id, "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."), "quantization": loaded.quantization})
+    return loaded
+
+
+def _peft_model(model: Any, opts: TrainOptions) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if opts.qlora:
+        # bitsandbytes repacks 4-bit weights for a fast CPU kernel the first time a layer runs in
+        # eval mode (our eval-before-training does), and that kernel has no backward: gradients
+        # would stop flowing through the frozen base. Keep the trainable layout for the whole run.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=opts.gradient_checkpointing)
+    elif opts.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets: Any = opts.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    cfg = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=targets,
+                     task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:  # e.g. a target module the model does not have
+        raise ConfigError(f"LoRA config refused by PEFT: {e}") from None
+
+
+def _training_args(opts: TrainOptions, out: Path, device: torch.device, precision: str, has_eval: bool,
+                   quiet: bool) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=opts.batch_size, per_device_eval_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum, num_train_epochs=opts.epochs, max_steps=opts.max_steps,
+        learning_rate=opts.learning_rate, warmup_steps=opts.warmup_ratio, lr_scheduler_type="linear",
+        logging_steps=1, eval_strategy="epoch" if has_eval else "no", save_strategy="steps",
+        save_steps=opts.save_steps, save_total_limit=2, seed=opts.seed, data_seed=opts.seed,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu",
+        optim=_optimizer(opts, device), report_to=[], disable_tqdm=quiet, remove_unused_columns=False,
+        dataloader_num_workers=0, gradient_checkpointing=False,  # enabled on the model in _peft_model
+        save_only_model=False,
+    )
+
+
+def _publish(peft_model: Any, card: dict, store: Path, name: str, replace_existing: bool) -> Path:
+    """Write the adapter to a staging folder beside the store, then rename it in: whole or not at all."""
+    home = store / ".loraplex"
+    home.mkdir(parents=True, exist_ok=True)
+    staging = home / f".staging-{name}-{os.getpid()}-{time.monotonic_ns()}"
+    target = store / name
+    try:
+        peft_model.save_pretrained(str(staging))
+        (staging / CARD_FILE).write_text(json.dumps(card, indent=1))
+        if target.exists():
+            if not replace_existing:
+                raise TrainingError(f"{target} appeared while training; the result was not published")
+            aside = home / f".staging-old-{name}-{time.monotonic_ns()}"
+            os.replace(target, aside)
+            os.replace(staging, target)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _last(history: list[dict], key: str) -> float | None:
+    vals = [h[key] for h in history if key in h]
+    return float(vals[-1]) if vals else None
+
+
+def train(opts: TrainOptions, model_cfg: ModelConfig, *, store: Path, cache_dir: Path, report: Report | None = None,
+          stop: threading.Event | None = None, quiet: bool = False) -> dict:
+    """Train one adapter and publish it as `<store>/<name>`; return its training card.
+
+    `report` receives progress events (dicts); `stop`, when set, makes the
+    Trainer save a checkpoint at the next step and return (TrainingError then).
+    """
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    report = report or (lambda _e: None)
+    store = Path(store)
+    target = store / opts.name
+    if target.exists() and not opts.replace:
+        raise TrainingError(f"{target} already exists; choose another --name or pass --replace")
+    set_seed(opts.seed)
+    started = time.time()
+    loaded = _load_base(opts, model_cfg, cache_dir, report)
+    data: Dataset = load_dataset(opts.data, loaded.tokenizer, max_seq_len=opts.max_seq_len,
+                                 eval_fraction=opts.eval_fraction, seed=opts.seed, long_examples=opts.long_examples)
+    report({"event": "data", **data.summary()})
+    model = _peft_model(loaded.model, opts)
+    trainable, total = model.get_nb_trainable_parameters()
+    report({"event": "parameters", "trainable": trainable, "total": total,
+            "percent": round(100.0 * trainable / total, 4)})
+    precision, why = _precision(opts, loaded.device)
+    log.info("precision %s (%s)", precision, why)
+    work = work_dir(store, opts.name)
+    ckpt = newest_complete_checkpoint(work / "checkpoints") if opts.resume else None
+    if opts.resume and ckpt is None:
+        log.info("--resume: no complete checkpoint in %s; starting from the beginning", work)
+    if not opts.resume and work.exists():
+        shutil.rmtree(work)  # a fresh run never mixes with an older run's checkpoints
+    stopper = StopAtSafePoint(stop)
+    trainer = Trainer(
+        model=model,
+        args=_training_args(opts, work / "checkpoints", loaded.device, precision, bool(data.eval), quiet),
+        train_dataset=_Examples(data.train), eval_dataset=_Examples(data.eval) if data.eval else None,
+        data_collator=DataCollatorForSeq2Seq(loaded.tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[ProgressReporter(report), stopper],
+    )
+    if not quiet:
+        from transformers.trainer_callback import ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(LossBar)
+    eval_before = trainer.evaluate()["eval_loss"] if data.eval else None
+    if eval_before is not None:
+        report({"event": "eval_before", "eval_loss": eval_before})
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    if stopper.stopped:
+        raise TrainingError(f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint "
+                            f"is in {work} and --resume continues from it")
+    eval_after = trainer.evaluate()["eval_loss"] if data.eval else None
+    train_loss = _last(trainer.state.log_history, "loss")
+    if train_loss is not None and not math.isfinite(train_loss):
+        raise TrainingError(f"training diverged (loss {train_loss}); nothing was published")
+    card = {
+        "name": opts.name, "base_model": loaded.model_id, "base_source": str(model_cfg.model),
+        "method": "qlora" if opts.qlora else "lora", "precision": precision, "device": str(loaded.device),
+        "data": {"file": str(opts.data), **data.summary()}, "hyperparameters": opts.hyperparameters(),
+        "parameters": {"trainable": trainable, "total": total},
+        "steps": trainer.state.global_step, "resumed_from": str(ckpt.name) if ckpt else None,
+        "train_loss": train_loss, "train_loss_mean": float(result.training_loss),
+        "eval_loss_before": eval_before, "eval_loss": eval_after,
+        "train_seconds": round(time.time() - started, 1),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = _publish(model, card, store, opts.name, opts.replace)
+    shutil.rmtree(work, ignore_errors=True)
+    report({"event": "done", "path": str(path), "card": card})
+    return card

@@ -1,0 +1,124 @@
+"""/admin/train, /admin/exports and /admin/jobs on an app over the FakeEngine, with real child processes on the tiny model."""
+
+import json
+import time
+
+import pytest
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = [{"messages": [{"role": "user", "content": f"hello world {i}"},
+                          {"role": "assistant", "content": "the quick brown fox"}]} for i in range(16)]
+    (d / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
+    (tmp_path / "secret.jsonl").write_text('{"text": "outside"}\n')
+    return d
+
+
+@pytest.fixture
+def jobs_client(make_client, tiny_model_dir, data_dir, tmp_path):
+    def make(**env):
+        client = make_client(env={"LORAPLEX_MODEL__MODEL": str(tiny_model_dir),
+                                  "LORAPLEX_TRAIN__DATA_DIR": str(data_dir),
+                                  "LORAPLEX_TRAIN__EXPORTS_DIR": str(tmp_path / "exports"),
+                                  "LORAPLEX_SERVER__ADMIN_TOKEN": "adm", **env})
+        client.headers["Authorization"] = "Bearer adm"
+        return client
+    return make
+
+
+def wait_job(client, job_id, timeout=180.0, headers=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/admin/jobs/{job_id}", headers=headers).json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
+
+
+TRAIN = {"name": "trained", "data": "d.jsonl", "rank": 4, "alpha": 8, "epochs": 1, "batch_size": 8,
+         "max_seq_len": 64, "learning_rate": 0.01, "eval_fraction": 0.25}
+
+
+def test_train_job_registers_the_adapter(jobs_client, store_copy):
+    client = jobs_client()
+    r = client.post("/admin/train", json=TRAIN)
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["kind"] == "train" and job["progress"]["step"] == job["progress"]["total"] > 0
+    assert "loss" in job["progress"] and "eval_loss" in job["progress"]
+    assert job["progress"]["parameters"]["trainable"] > 0
+    assert job["result"]["adapter"]["name"] == "trained" and job["result"]["card"]["eval_loss"] is not None
+    assert "trained" in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert (store_copy / "trained" / "training.json").is_file()
+    assert [j["id"] for j in client.get("/admin/jobs").json()["data"]] == [job["id"]]
+    metrics = client.get("/metrics").text
+    assert 'loraplex_jobs_total{kind="train",status="succeeded"} 1.0' in metrics
+    # The same name again is a conflict unless replace=true.
+    assert client.post("/admin/train", json=TRAIN).status_code == 409
+
+
+def test_train_job_with_bad_data_fails_naming_the_line(jobs_client, data_dir):
+    client = jobs_client()
+    r = client.post("/admin/train", json={**TRAIN, "name": "bad", "data": "bad.jsonl"})
+    job = wait_job(client, r.json()["job"])
+    assert job["status"] == "failed"
+    assert f"{data_dir / 'bad.jsonl'}:2: 'text' must be a non-empty string" in job["error"]
+    assert 'loraplex_jobs_total{kind="train",status="failed"} 1.0' in client.get("/metrics").text
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"data": "../secret.jsonl"}, 400, "path_outside_roots"),
+    ({"data": "/etc/passwd"}, 400, "path_outside_roots"),
+    ({"data": "missing.jsonl"}, 400, "data_not_found"),
+    ({"name": "alpha"}, 409, "name_taken"),
+    ({"name": "../up"}, 400, "invalid_name"),
+    ({"rank": 512}, 400, "rank_too_large"),
+    ({"target_modules": ["q_proj; rm -rf /"]}, 400, None),
+    ({"epochs": -1}, 400, None),
+    ({"surprise": 1}, 400, None),
+])
+def test_train_requests_are_checked_before_queueing(jobs_client, body, status, code):
+    client = jobs_client()
+    r = client.post("/admin/train", json={**TRAIN, **body})
+    assert r.status_code in ((status, 422) if code is None else (status,)), r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    if code:
+        assert r.json()["error"]["code"] == code
+    assert client.get("/admin/jobs").json()["data"] == []
+
+
+def test_non_finite_numbers_are_refused(jobs_client):
+    client = jobs_client()
+    r = client.post("/admin/train", content=b'{"name": "n", "data": "d.jsonl", "learning_rate": NaN}',
+                    headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+
+
+def test_export_job_writes_a_verified_model_folder(jobs_client, tmp_path):
+    client = jobs_client()
+    assert client.post("/admin/exports", json={"adapter": "nobody", "name": "x"}).status_code == 404
+    r = client.post("/admin/exports", json={"adapter": "alpha", "name": "alpha-fused"})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"])
+    assert job["status"] == "succeeded", job["error"]
+    out = tmp_path / "exports" / "alpha-fused"
+    assert job["result"]["path"] == str(out) and job["result"]["card"]["max_abs_logit_diff"] < 1e-4
+    assert (out / "config.json").is_file() and (out / "loraplex-export.json").is_file()
+    assert client.post("/admin/exports", json={"adapter": "alpha", "name": "alpha-fused"}).status_code == 409
+
+
+def test_unknown_jobs_and_auth(jobs_client):
+    client = jobs_client(LORAPLEX_SERVER__API_KEYS="inf")
+    del client.headers["Authorization"]
+    admin = {"Authorization": "Bearer adm"}
+    assert client.get("/admin/jobs/nope", headers=admin).status_code == 404
+    assert client.delete("/admin/jobs/nope", headers=admin).status_code == 404
+    for headers, status in (({}, 401), ({"Authorization": "Bearer inf"}, 403), ({"Authorization": "Bearer x"}, 401)):
+        assert client.post("/admin/train", json=TRAIN, headers=headers).status_code == status
+        assert client.get("/admin/jobs", headers=headers).status_code == status
