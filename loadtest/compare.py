@@ -1,7 +1,7 @@
 """Side-by-side benchmark of multi-adapter serving, in one run on one machine.
 
     python -m loadtest.compare [--dtype float32|bfloat16] [--streams 32] [--tokens 64] [--rounds 3]
-                               [--out loadtest/results.json]
+                               [--scaling] [--out loadtest/results.json]
 
 It makes the random adapters it needs (under adapters/.bench, once), starts `loraplex serve`
 on a free port with the repository's config.toml, registers them through the admin API,
@@ -77,14 +77,14 @@ def register(url: str, names: list[str]) -> None:
             raise SystemExit(f"register {n}: {r.status_code} {r.text}")
 
 
-def load(url: str, models: list[str], streams: int, tokens: int) -> dict:
+def load(url: str, models: list[str], streams: int, tokens: int, requests: int | None = None) -> dict:
     from .run import main as run
 
     # One warm-up round, then the measured one.
     run(["--url", url, "--models", ",".join(models), "--concurrency", str(streams), "--requests",
          str(streams), "--max-tokens", "4"])
     return run(["--url", url, "--models", ",".join(models), "--concurrency", str(streams), "--requests",
-                str(streams), "--max-tokens", str(tokens)])
+                str(requests or streams), "--max-tokens", str(tokens)])
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the server modes (median kept)")
+    p.add_argument("--scaling", action="store_true", help="also run (a)'s mix at 1 and 8 streams")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
             for key, models in modes.items():
                 rounds[key].append(load(url, models, a.streams, a.tokens))
         res = {k: median_run(v) for k, v in rounds.items()}
+        if a.scaling:  # (a)'s mix at 1 and 8 concurrent streams, beside its 32 above
+            scaling = {c: load(url, all16, c, a.tokens, requests=max(c, 4)) for c in (1, 8)}
     finally:
         proc.terminate()
         proc.wait(60)
@@ -164,6 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     report = {"dtype": a.dtype, "streams": a.streams, "tokens": a.tokens, "rounds": a.rounds, "machine": platform.processor() or
               platform.machine(), "cpus": os.cpu_count(), "throughput_tok_s": tp, "ratios": ratios, "runs": res}
+    if a.scaling:
+        report["scaling_tok_s"] = {"1": scaling[1]["throughput_tok_s"], "8": scaling[8]["throughput_tok_s"],
+                                   str(a.streams): tp["a_8_adapters_mixed"]}
+        report["scaling_runs"] = {str(c): r for c, r in scaling.items()}
+        print(json.dumps({"scaling_tok_s": report["scaling_tok_s"]}))
     per_round = {k: v.get("rounds_tok_s") for k, v in res.items() if "rounds_tok_s" in v}
     print(json.dumps({"dtype": a.dtype, "throughput_tok_s": tp, "ratios": ratios, "rounds_tok_s": per_round},
                      indent=1))

@@ -180,7 +180,28 @@ def cmd_blend(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "train": cmd_train, "merge": cmd_merge, "blend": cmd_blend}
+def cmd_ray(args: argparse.Namespace) -> int:
+    """Serve through Ray Serve: N replicas behind an adapter-affinity router (needs loraplex[ray])."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        print("loraplex ray: Ray Serve is not installed: pip install 'loraplex[ray]'", file=sys.stderr)
+        return 2
+    from .scaleout import build_app
+
+    cfg = load_config(_config_path(args.config), environ=os.environ)
+    setup_logging(cfg.server.log_level, cfg.server.log_format)
+    ray.init(address=args.address, num_cpus=args.num_cpus)
+    serve.start(http_options={"host": args.host or cfg.server.host, "port": args.port or cfg.server.port})
+    app = build_app({"config": str(cfg.source) if cfg.source else None, "replicas": args.replicas,
+                     "cpus_per_replica": args.cpus_per_replica,
+                     "max_adapters_per_replica": args.max_adapters_per_replica})
+    serve.run(app, name="loraplex", route_prefix="/", blocking=True)
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "train": cmd_train, "merge": cmd_merge, "blend": cmd_blend, "ray": cmd_ray}
 
 
 def _offline_flags(p: argparse.ArgumentParser) -> None:
@@ -249,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--type", default="linear", help="a PEFT combination type (linear, cat, svd, ties, ...)")
     b.add_argument("--density", type=float, help="for ties, dare_* and magnitude_prune")
     _offline_flags(b)
+    r = sub.add_parser("ray", help="serve N replicas on Ray Serve with adapter-affinity routing")
+    r.add_argument("--config", help="TOML config file (default: ./config.toml if present)")
+    r.add_argument("--host")
+    r.add_argument("--port", type=int)
+    r.add_argument("--replicas", type=int, default=2)
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved by each replica")
+    r.add_argument("--max-adapters-per-replica", type=int, default=8, help="Ray's multiplex LRU size")
+    r.add_argument("--address", help="an existing Ray cluster (default: start one on this machine)")
+    r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance")
     return p
 
 
