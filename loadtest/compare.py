@@ -105,11 +105,12 @@ def tutorial_baseline(dtype: str, names: list[str], tokens: int) -> dict:
     cfg = load_config(ROOT / "config.toml")
     folder, _ = resolve_source(cfg.model, cfg.path(cfg.model.cache_dir))
     tok = AutoTokenizer.from_pretrained(folder)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the server ran too
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
     model = PeftModel.from_pretrained(base, BENCH / names[0], adapter_name=names[0])
     for n in names[1:]:
         model.load_adapter(BENCH / n, adapter_name=n)
-    ids = tok("Write a short story about a robot who learns to paint.", return_tensors="pt").input_ids
+    ids = tok("Write a short story about a robot who learns to paint.", return_tensors="pt").input_ids.to(device)
     done, t0 = 0, time.perf_counter()
     with torch.inference_mode():
         for n in names:

@@ -33,6 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .drain import DrainingServer
     from .model import check_source
 
     overrides = {
@@ -47,13 +48,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(cfg.server.log_level, cfg.server.log_format)
     check_source(cfg.model)  # a wrong --model fails here, not after the server is up
     app = create_app(cfg, exit_on_load_failure=True)
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler
-    # that was there before it; this one turns that into exit status 0, or 1 when the
-    # shutdown came from a failed start-up (the model did not load).
+    # SIGTERM drains (server/drain.py), then uvicorn shuts down and re-raises the signal to
+    # the handler that was there before it; this one turns that into exit status 0, or 1 when
+    # the shutdown came from a failed start-up (the model did not load).
     state = app.state.loraplex
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1 if state.load_error else 0))
-    uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level, log_config=None,
-                timeout_graceful_shutdown=30)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(1 if state.load_error else 0))
+    config = uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port, log_level=cfg.server.log_level,
+                            log_config=None, timeout_graceful_shutdown=10)
+    DrainingServer(config, state, cfg.server.drain_timeout_s).run()
     return 0
 
 

@@ -50,6 +50,13 @@ class ServerConfig:
     max_stop_length: int = 256
     max_top_logprobs: int = 20
     max_prompts: int = 64           # prompts in one /v1/completions list
+    # A request still generating after this many seconds is ended (408, or an error event in a
+    # stream), so a slow client or a huge max_tokens cannot hold a batch slot forever. 0 = no limit.
+    request_timeout_s: float = 600.0
+    # On SIGTERM: /ready turns 503 and new requests get 503 at once; running requests get this
+    # long to finish, then end with an error event; then the process exits 0.
+    drain_timeout_s: float = 30.0
+    metrics_access: str = "public"  # public | inference (an API key) | admin (the admin token)
 
 
 @dataclass
@@ -77,6 +84,9 @@ class EngineConfig:
     max_waiting_requests: int = 256  # queued beyond this get 429
     threads: int = 0                # torch intra-op threads; 0 = torch's default
     lora_backend: str = "auto"      # auto | dense | gathered | segments | loop (see server/lora/batched.py)
+    # /ready turns 503 when the engine loop has not come round for this long (a stalled or
+    # wedged engine thread): one step, or one adapter load, must never take longer.
+    stall_timeout_s: float = 120.0
 
 
 @dataclass
@@ -150,6 +160,7 @@ _CHOICES = {
     ("model", "attn_implementation"): {"sdpa", "eager", "flash_attention_2"},
     ("server", "log_level"): {"debug", "info", "warning", "error"},
     ("server", "log_format"): {"text", "json"},
+    ("server", "metrics_access"): {"public", "inference", "admin"},
     ("engine", "lora_backend"): {"auto", "dense", "gathered", "segments", "loop"},
 }
 
@@ -241,6 +252,12 @@ def _validate(cfg: Config) -> None:
                     ("server.max_top_logprobs", cfg.server.max_top_logprobs)]:
         if v < 0:
             raise ConfigError(f"{name}: must be >= 0, got {v}")
+    for name, v in [("server.request_timeout_s", cfg.server.request_timeout_s),
+                    ("server.drain_timeout_s", cfg.server.drain_timeout_s)]:
+        if not v >= 0:  # also refuses NaN
+            raise ConfigError(f"{name}: must be >= 0, got {v}")
+    if not cfg.engine.stall_timeout_s > 0:
+        raise ConfigError(f"engine.stall_timeout_s: must be > 0, got {cfg.engine.stall_timeout_s}")
     if not 0.0 <= cfg.train.eval_fraction < 1.0:
         raise ConfigError(f"train.eval_fraction: must be in [0, 1), got {cfg.train.eval_fraction}")
     if not 0 < cfg.server.port < 65536:

@@ -10,6 +10,7 @@ SSE error events alike.
     ├── Unauthorized              no or wrong credentials          (401)
     ├── Forbidden                 right credentials, wrong route   (403)
     ├── NotFound                  unknown model, adapter or job    (404)
+    ├── RequestTimeout            ran past server.request_timeout_s (408)
     ├── Conflict                  name taken by other content      (409)
     ├── PayloadTooLarge           body over the configured cap     (413)
     ├── InvalidAdapter            adapter files refused            (422)
@@ -44,6 +45,10 @@ class Forbidden(LoraplexError):
 
 
 class NotFound(LoraplexError):
+    pass
+
+
+class RequestTimeout(LoraplexError):
     pass
 
 

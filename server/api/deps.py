@@ -39,11 +39,12 @@ class AppState:
     started_at: int = field(default_factory=lambda: int(time.time()))
     adapters_ready: bool = False    # the store has been scanned at start-up
     load_error: str | None = None
+    draining: bool = False          # SIGTERM received: not ready, new requests 503, running ones finish
     jobs: JobManager | None = None  # background training and exports
 
     @property
     def ready(self) -> bool:
-        return self.engine.ready and self.adapters_ready
+        return not self.draining and self.engine.ready and self.adapters_ready
 
 
 def get_state(request: Request) -> AppState:
@@ -77,6 +78,40 @@ def require_inference(request: Request) -> AppState:
 
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+# Every route belongs to one class; a route in none is a build failure (tests/api/test_routes.py).
+PUBLIC_PATHS = {"/health", "/ready", "/openapi.json"}
+ADMIN_ALIASES = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+
+
+def route_class(path: str) -> str | None:
+    """public | metrics | admin | inference, or None for a path no class covers (deny)."""
+    if path in PUBLIC_PATHS:
+        return "public"
+    if path == "/metrics":
+        return "metrics"
+    if path in ADMIN_ALIASES or path == "/admin" or path.startswith("/admin/"):
+        return "admin"
+    if path.startswith("/v1/"):
+        return "inference"
+    return None
+
+
+def require_metrics(request: Request) -> None:
+    """/metrics: public, or behind an API key or the admin token (server.metrics_access)."""
+    state = get_state(request)
+    access = state.config.server.metrics_access
+    if access == "public":
+        return
+    token = bearer(request)
+    allowed = [state.admin_token] if state.admin_token else []
+    if access == "inference":
+        allowed += state.api_keys
+    if not allowed:
+        return  # nothing configured to check against: same as the routes it mirrors
+    if token is None or not _matches(token, allowed):
+        raise Unauthorized(f"/metrics needs {'an API key or ' if access == 'inference' else ''}the admin token",
+                           code="invalid_api_key")
 
 
 def require_admin(request: Request) -> AppState:

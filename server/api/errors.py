@@ -24,6 +24,7 @@ TABLE: dict[type[E.LoraplexError], tuple[int, str]] = {
     E.Unauthorized: (401, "authentication_error"),
     E.Forbidden: (403, "permission_error"),
     E.NotFound: (404, "not_found_error"),
+    E.RequestTimeout: (408, "timeout_error"),
     E.Conflict: (409, "conflict_error"),
     E.PayloadTooLarge: (413, "invalid_request_error"),
     E.InvalidAdapter: (422, "invalid_request_error"),

@@ -112,6 +112,10 @@ async def _run(request: Request, state: AppState, body, planner: Callable, chunk
         plan = planner(body, state.engine.tokenizer, state.engine.context_length, state.config.server,
                        lease.adapter)
         record.prompt_tokens = plan.prompt_tokens
+        if state.config.server.request_timeout_s:  # the engine ends it past this (408 / an error event)
+            deadline = time.monotonic() + state.config.server.request_timeout_s
+            for r in plan.requests:
+                r.deadline = deadline
         streams = [record.wrap(s) for s in _submit(state, plan)]
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)

@@ -6,11 +6,11 @@ behind the network's own controls where that matters.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .deps import get_state
+from .deps import get_state, require_metrics
 from .errors import body as error_body
 
 router = APIRouter()
@@ -26,10 +26,12 @@ async def ready(request: Request):
     state = get_state(request)
     if state.ready:
         return {"status": "ready", "model": state.engine.model_id}
-    message = state.load_error or "the model is loading"
+    message = state.load_error or ("the server is shutting down" if state.draining else
+                                   "the engine loop is stalled" if getattr(state.engine, "stalled", False) else
+                                   "the model is loading")
     return JSONResponse(error_body(message, "service_unavailable_error", None, "not_ready"), status_code=503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(require_metrics)])
 async def metrics(request: Request):
     return Response(get_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

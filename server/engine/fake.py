@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence as Seq
 
-from ..errors import InvalidAdapter, NotFound, NotReady, Overloaded
+from ..errors import InvalidAdapter, NotFound, NotReady, Overloaded, RequestTimeout
 from ..lora.blend import BlendSpec
 from ..lora.weights import AdapterInfo, describe_adapter, read_adapter
 from .sequence import Sequence
@@ -125,6 +126,8 @@ class FakeEngine:
             while True:
                 if request.request_id in self.aborted:
                     return
+                if request.deadline is not None and time.monotonic() > request.deadline:
+                    raise RequestTimeout("the request ran past server.request_timeout_s", code="request_timeout")
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
                 else:

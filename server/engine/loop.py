@@ -32,7 +32,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from ..config import EngineConfig, ModelConfig
-from ..errors import LoraplexError, NotFound, NotReady, Overloaded
+from ..errors import LoraplexError, NotFound, NotReady, Overloaded, RequestTimeout
 from ..lora.blend import BlendSpec
 from ..lora.weights import AdapterInfo, describe_adapter, read_adapter
 from ..model import LoadedModel, load_model
@@ -108,6 +108,7 @@ class TorchEngine:
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self._stopping = False
+        self._heartbeat = time.monotonic()   # the engine loop's last turn (the watchdog reads it)
         self._thread: threading.Thread | None = None
         self._runner: ModelRunner | None = None
         self._prompt_tok: HFPromptTokenizer | None = None
@@ -123,7 +124,12 @@ class TorchEngine:
     @property
     def ready(self) -> bool:
         return (self._loaded.is_set() and self._load_error is None and not self._stopping
-                and self._thread is not None and self._thread.is_alive())
+                and self._thread is not None and self._thread.is_alive() and not self.stalled)
+
+    @property
+    def stalled(self) -> bool:
+        """The loop has not come round for engine.stall_timeout_s (it turns at least every 0.5 s when idle)."""
+        return self._loaded.is_set() and time.monotonic() - self._heartbeat > self.cfg.stall_timeout_s
 
     async def wait_ready(self) -> None:
         await asyncio.to_thread(self._loaded.wait)
@@ -246,6 +252,7 @@ class TorchEngine:
         self._loaded.set()
         log.info("engine ready: %s, budgets %s", self.model_id, self._budget)
         while not self._stopping:
+            self._heartbeat = time.monotonic()
             self._run_commands()
             joining = self._admit()
             if joining:
@@ -260,6 +267,13 @@ class TorchEngine:
 
     def _admit(self) -> list[_Pending]:
         """Pop the requests the scheduler lets join now (aborted ones are dropped on the way)."""
+        now = time.monotonic()
+        with self._lock:
+            late = [p for p in self._waiting if p.request.deadline is not None and now > p.request.deadline]
+            for p in late:
+                self._waiting.remove(p)
+        if late:
+            self._fail(late, _timeout())
         with self._lock:
             while self._waiting and self._waiting[0].request.request_id in self._aborted:
                 self._finish(self._waiting.popleft().request.request_id)
@@ -333,13 +347,19 @@ class TorchEngine:
     def _decode(self) -> None:
         """One token for every running row."""
         runner = self._runner
+        now = time.monotonic()
         with self._lock:
             gone = [i for i, r in enumerate(self._rows) if r.request_id in self._aborted]
             for i in gone:
                 self._finish(self._rows[i].request_id)
-        if gone:
-            self._drop(set(gone))
+        late = [i for i, r in enumerate(self._rows)
+                if i not in gone and r.pending.request.deadline is not None and now > r.pending.request.deadline]
+        if late:
+            self._fail([self._rows[i].pending for i in late], _timeout())
+        if gone or late:
+            self._drop(set(gone) | set(late))
             if not self._rows:
+                self._report_step(0, time.perf_counter())  # the counters see the batch empty now
                 return
         t0, stepped = time.perf_counter(), len(self._rows)
         try:
@@ -388,3 +408,7 @@ class TorchEngine:
         self._kv_tokens = len(self._rows) * width  # padded rows x cached positions
         if self.on_step is not None and rows:
             self.on_step(rows, time.perf_counter() - t0)
+
+
+def _timeout() -> RequestTimeout:
+    return RequestTimeout("the request ran past server.request_timeout_s and was ended", code="request_timeout")

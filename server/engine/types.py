@@ -38,6 +38,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None = None      # None = the base model
+    deadline: float | None = None   # time.monotonic() after which the engine ends it with RequestTimeout
 
 
 @dataclass(frozen=True)

@@ -160,10 +160,11 @@ class BatchedLora:
         return a_st, b_st
 
     def gather_index(self, targeted: list[str], tokens: int, device: torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
         """Flat indexes over rows*tokens (+1 zero row at the end): (n*m*tokens,) to gather and to add
-        back, and m. Group i holds the token rows of adapter targeted[i], padded to the largest group.
-        Cached until the batch changes: every layer with the same adapters shares them."""
+        back, m, and whether any group is padded (else the zero row is not needed). Group i holds the
+        token rows of adapter targeted[i], padded to the largest group. Cached until the batch
+        changes: every layer with the same adapters shares them."""
         key = (tuple(targeted), tokens, device)
         hit = self._gathers.get(key)
         if hit is None:
@@ -180,7 +181,8 @@ class BatchedLora:
                     else:
                         gather.extend([pad] * tokens)
                         back.extend([0] * tokens)              # adds zeros: harmless anywhere
-            hit = (torch.tensor(gather, device=device), torch.tensor(back, device=device), m)
+            padded = any(len(g) < m for g in groups)
+            hit = (torch.tensor(gather, device=device), torch.tensor(back, device=device), m, padded)
             self._gathers[key] = hit
         return hit
 
@@ -215,9 +217,10 @@ def _dense(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str], ou
 def _gathered(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str], out: torch.Tensor) -> None:
     tokens = x.shape[1] if x.dim() == 3 else 1
     a_st, b_st = bl.stacks(layer, targeted, x.dtype)
-    gather, back, m = bl.gather_index(targeted, tokens, x.device)
+    gather, back, m, padded = bl.gather_index(targeted, tokens, x.device)
     x2 = x.reshape(-1, x.shape[-1])
-    x2 = torch.cat([x2, x2.new_zeros(1, x2.shape[1])])       # the zero row padding slots read
+    if padded:  # one op less per layer when every adapter has as many rows (decode at a balanced mix)
+        x2 = torch.cat([x2, x2.new_zeros(1, x2.shape[1])])   # the zero row padding slots read
     n = len(targeted)
     xg = x2.index_select(0, gather).view(n, m * tokens, -1)   # (n, m * tokens, in)
     delta = torch.bmm(torch.bmm(xg, a_st), b_st)             # (n, m * tokens, out)

@@ -1,0 +1,71 @@
+"""The engine's deadlines and watchdog on a tiny random Llama: late requests end with RequestTimeout and
+leave the batch; a loop that stops coming round makes the engine not ready until it does again."""
+
+import asyncio
+import time
+
+import pytest
+
+from server.config import load_config
+from server.engine.loop import TorchEngine
+from server.engine.types import GenerationRequest, SamplingParams
+from server.errors import RequestTimeout
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tmp_path_factory):
+    cfg = load_config(overrides={"model.model": str(tiny_model_dir), "model.dtype": "float32",
+                                 "engine.stall_timeout_s": 0.6})
+    eng = TorchEngine(cfg.model, cfg.engine, cache_dir=tmp_path_factory.mktemp("cache"))
+    eng.start()
+    asyncio.run(eng.wait_ready())
+    yield eng
+    eng.shutdown()
+
+
+def request(engine, rid, deadline, max_tokens=200):
+    return GenerationRequest(rid, engine.tokenizer.encode("hello world"),
+                             SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                             deadline=deadline)
+
+
+def test_deadline_ends_running_and_waiting_requests(engine):
+    async def main():
+        late = request(engine, "late", time.monotonic() - 1)          # already past: never prefilled
+        slow = request(engine, "slow", time.monotonic() + 0.15, 240)  # ends mid-generation
+        fine = request(engine, "fine", None, 5)
+        results = {}
+
+        async def run(r):
+            got = 0
+            try:
+                async for ev in engine.submit(r):
+                    got += len(ev.token_ids)
+                results[r.request_id] = ("done", got)
+            except RequestTimeout as e:
+                results[r.request_id] = (e.code, got)
+        await asyncio.gather(*(run(r) for r in (late, slow, fine)))
+        return results
+    results = asyncio.run(main())
+    assert results["late"] == ("request_timeout", 0)
+    assert results["slow"][0] == "request_timeout" and 0 < results["slow"][1] < 240
+    assert results["fine"] == ("done", 5)
+    deadline = time.monotonic() + 5
+    while engine.stats().running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats().running == 0 and engine.stats().waiting == 0
+
+
+def test_watchdog_marks_a_stalled_loop_not_ready(engine):
+    async def main():
+        assert engine.ready
+        stall = asyncio.create_task(engine._command(lambda: time.sleep(1.5)))  # the loop is stuck in here
+        seen_stalled = False
+        while not stall.done():
+            seen_stalled |= (not engine.ready and engine.stalled)
+            await asyncio.sleep(0.05)
+        await stall
+        return seen_stalled
+    assert asyncio.run(main()) is True
+    time.sleep(0.6)  # the loop turns again at least every 0.5 s
+    assert engine.ready and not engine.stalled

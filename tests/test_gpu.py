@@ -1,0 +1,70 @@
+"""On CUDA: the engine, the batched LoRA path and the quantized base on the GPU (skipped without one).
+
+`loadtest/gpu_check.sh` runs these with `-m gpu` and then the benchmark, on a machine lent with a GPU.
+"""
+
+import asyncio
+
+import pytest
+import torch
+
+from server.config import load_config
+from server.engine.loop import TorchEngine
+from server.engine.types import GenerationRequest, SamplingParams
+from server.lora.batched import BACKENDS, BASE, BatchedLora
+from tests.helpers import tiny_llama
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_batched_lora_on_cuda_equals_peft(backend):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    peft = get_peft_model(tiny_llama(300), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False), adapter_name="a")
+    peft.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"], init_lora_weights=False))
+    peft = peft.to("cuda").eval()
+    rows = ["a", BASE, "b", "a"]
+    ids = torch.randint(0, 300, (len(rows), 6), device="cuda")
+    with torch.no_grad():
+        ref = peft(input_ids=ids, adapter_names=rows).logits
+    peft.base_model.disable_adapter_layers()
+    bl = BatchedLora(peft, backend=backend)
+    bl.set_rows(rows)
+    with torch.no_grad():
+        ours = peft(input_ids=ids).logits
+    bl.detach()
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+
+
+def run_engine(model_dir, store, overrides):
+    cfg = load_config(overrides={"model.model": str(model_dir), "model.device": "cuda", **overrides})
+    eng = TorchEngine(cfg.model, cfg.engine, cache_dir=store.parent / "cache")
+    eng.start()
+
+    async def main():
+        await eng.wait_ready()
+        await eng.load_adapter("alpha", store / "alpha")
+        reqs = [GenerationRequest(f"r{i}", eng.tokenizer.encode("hello world"),
+                                  SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                                  "alpha" if i % 2 else None) for i in range(6)]
+
+        async def one(r):
+            return [t for ev in [e async for e in eng.submit(r)] for t in ev.token_ids]
+        return await asyncio.gather(*(one(r) for r in reqs))
+    try:
+        return asyncio.run(main())
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("overrides", [{"model.dtype": "float32"}, {"model.dtype": "bfloat16"},
+                                       {"model.quantization": "nf4"}])
+def test_engine_on_cuda_serves_base_and_adapter_in_one_batch(tiny_model_dir, tiny_store, overrides):
+    outs = run_engine(tiny_model_dir, tiny_store, overrides)
+    assert all(len(o) == 8 for o in outs)
+    assert outs[0] == outs[2] == outs[4] and outs[1] == outs[3] == outs[5]  # same prompt, same adapter, same tokens
+    assert outs[0] != outs[1]                                                # the adapter changes the output
