@@ -58,9 +58,19 @@ def _state_gauges(metrics: Metrics, engine: Engine, registry: Registry) -> None:
     metrics.gauge("loraplex_blends_registered", "Named blends registered", count("blends"))
 
 
+def _clean_exports(folder) -> None:
+    """Staging folders an export killed part-way left behind (a finished export is renamed into place)."""
+    import shutil
+
+    if folder.is_dir():
+        for p in folder.glob(".staging-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 async def _warm_up(state: AppState, exit_on_failure: bool) -> None:
     """Wait for the model, then register the adapter store; /ready turns 200 after."""
     try:
+        _clean_exports(state.config.path(state.config.train.exports_dir))
         await state.engine.wait_ready()
         names = await state.registry.start(scan_store=state.config.adapters.load_at_startup)
         log.info("adapters in memory at start-up: %s", ", ".join(names) or "none")

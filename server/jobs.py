@@ -174,7 +174,7 @@ class JobManager:
         with open(job.log_path, "wb") as errlog:
             job.proc = await asyncio.create_subprocess_exec(
                 *self.program, *job.argv, stdout=asyncio.subprocess.PIPE, stderr=errlog,
-                env=env, limit=1 << 20)
+                env=env, limit=1 << 20, preexec_fn=_stop_with_parent)
             assert job.proc.stdout is not None
             async for raw in job.proc.stdout:
                 self._event(job, raw)
@@ -220,3 +220,13 @@ class JobManager:
         starts = [i for i, ln in enumerate(lines) if ln.startswith("loraplex ")]
         detail = "\n".join(lines[starts[-1]:][:12] if starts else lines[-5:]) or "no output"
         return f"exit status {rc}: {detail}"
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the server dies, even by kill -9 (Linux), so no
+    job outlives its server; a training then saves a checkpoint, an export leaves only staging."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -1,0 +1,160 @@
+"""Soak run: minutes of mixed traffic with disconnects, malformed requests and adapter churn.
+
+    python -m loadtest.soak [--minutes 3] [--concurrency 12] [--out FILE]
+
+Starts `loraplex serve` (config.toml, default model, a throw-away copy of the adapter store)
+and keeps `--concurrency` clients busy: requests spread over the base model and every adapter,
+streaming and not; 10% of streams are dropped by the client part-way; 1% of requests are
+malformed (bad JSON, wrong types, unknown model); and an admin loop loads and unloads an extra
+adapter every few seconds. It samples the server's resident memory (from /proc) every 5 s and
+prints counts by status, 5xx (must be zero), throughput and the memory curve.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+MALFORMED = [
+    (b'{"model": "smollm2-135m-instruct", "prompt": ', "application/json"),
+    (b'{"model": "smollm2-135m-instruct", "prompt": 42, "max_tokens": "many"}', "application/json"),
+    (b'{"model": "no-such-model", "prompt": "x"}', "application/json"),
+    (b'\xff\xfe\x00garbage', "application/json"),
+    (b'{"model": "smollm2-135m-instruct", "messages": [{"role": "wizard"}]}', "application/json"),
+]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def client_loop(url: str, models: list[str], stop: float, stats: dict, rng: random.Random) -> None:
+    async with httpx.AsyncClient(timeout=120) as http:
+        while time.monotonic() < stop:
+            roll = rng.random()
+            try:
+                if roll < 0.01:
+                    body, ctype = rng.choice(MALFORMED)
+                    path = rng.choice(["/v1/completions", "/v1/chat/completions"])
+                    r = await http.post(url + path, content=body, headers={"content-type": ctype})
+                    stats["malformed"] += 1
+                    stats[r.status_code] = stats.get(r.status_code, 0) + 1
+                    continue
+                model = rng.choice(models)
+                body = {"model": model, "messages": [{"role": "user", "content": "Tell me about the sea."}],
+                        "max_tokens": rng.randint(8, 48), "temperature": 0.7}
+                if rng.random() < 0.5:
+                    r = await http.post(url + "/v1/chat/completions", json=body)
+                    stats[r.status_code] = stats.get(r.status_code, 0) + 1
+                    if r.status_code == 200:
+                        stats["tokens"] += r.json()["usage"]["completion_tokens"]
+                    continue
+                drop = rng.random() < 0.10
+                async with http.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+                    stats[r.status_code] = stats.get(r.status_code, 0) + 1
+                    n = 0
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            n += 1
+                            if drop and n >= 3:
+                                stats["dropped"] += 1
+                                break
+                    stats["tokens"] += n
+            except httpx.HTTPError as e:
+                stats["transport_errors"] += 1
+                stats["last_transport_error"] = repr(e)
+
+
+async def admin_loop(url: str, stop: float, stats: dict) -> None:
+    async with httpx.AsyncClient(timeout=120) as http:
+        while time.monotonic() < stop:
+            r = await http.post(url + "/admin/adapters", json={"name": "churn", "path": "churn-src"})
+            stats["admin"][r.status_code] = stats["admin"].get(r.status_code, 0) + 1
+            await asyncio.sleep(2.0)
+            r = await http.delete(url + "/admin/adapters/churn")
+            stats["admin"][r.status_code] = stats["admin"].get(r.status_code, 0) + 1
+            await asyncio.sleep(1.0)
+
+
+async def memory_loop(pid: int, stop: float, samples: list) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() < stop:
+        samples.append((round(time.monotonic() - t0), round(rss_bytes(pid) / 2**20)))
+        await asyncio.sleep(5.0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=3.0)
+    p.add_argument("--concurrency", type=int, default=12)
+    p.add_argument("--port", type=int, default=8767)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    store = Path(tempfile.mkdtemp(prefix="loraplex-soak-"))
+    for folder in (ROOT / "adapters").iterdir():
+        if folder.is_dir() and not folder.name.startswith("."):
+            shutil.copytree(folder, store / folder.name)
+    shutil.copytree(ROOT / "adapters" / "terse", store / ".churn-src")
+    (store / ".churn-src").rename(store / "churn-src")  # not registered at start: the admin loop does it
+    env = {**os.environ, "LORAPLEX_ADAPTERS__DIR": str(store), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--config", str(ROOT / "config.toml"),
+                             "--port", str(a.port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{a.port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        httpx.delete(url + "/admin/adapters/churn-src")  # the scan registered it under its folder name
+        models = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+        stats: dict = {"tokens": 0, "malformed": 0, "dropped": 0, "transport_errors": 0, "admin": {}}
+        samples: list = []
+        rng = random.Random(a.seed)
+        stop = time.monotonic() + a.minutes * 60
+        t0 = time.perf_counter()
+
+        async def run():
+            await asyncio.gather(memory_loop(proc.pid, stop, samples), admin_loop(url, stop, stats),
+                                 *(client_loop(url, models, stop, stats, random.Random(rng.random()))
+                                   for _ in range(a.concurrency)))
+        asyncio.run(run())
+        wall = time.perf_counter() - t0
+        server_errors = sum(v for k, v in stats.items() if isinstance(k, int) and k >= 500)
+        mem = [m for _, m in samples]
+        report = {"minutes": a.minutes, "concurrency": a.concurrency, "models": models,
+                  "status_counts": {str(k): v for k, v in stats.items() if isinstance(k, int)},
+                  "server_errors_5xx": server_errors, "malformed_sent": stats["malformed"],
+                  "streams_dropped": stats["dropped"], "transport_errors": stats["transport_errors"],
+                  "admin_status_counts": {str(k): v for k, v in stats["admin"].items()},
+                  "output_tok_s": round(stats["tokens"] / wall, 1),
+                  "rss_mib": {"first": mem[0] if mem else None, "last": mem[-1] if mem else None,
+                              "max": max(mem) if mem else None, "samples": samples}}
+        print(json.dumps(report, indent=1))
+        if a.out:
+            a.out.write_text(json.dumps(report, indent=1) + "\n")
+        return report
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["server_errors_5xx"] == 0 else 1)
