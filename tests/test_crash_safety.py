@@ -59,7 +59,7 @@ def test_kill_9_during_load_blend_and_export(tiny_model_dir, store_copy, tmp_pat
     exports = tmp_path / "exports"
     srv = start(tiny_model_dir, store_copy, exports, tmp_path, 0)
     trial = 0
-    for _ in range(2):
+    for _ in range(3):  # three kills at random moments of each operation
         for op, call in OPS.items():
             trial += 1
             shutil.copytree(store_copy / "alpha", store_copy / f".src{trial}")  # hidden until it is loaded

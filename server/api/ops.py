@@ -1,7 +1,9 @@
 """Operations routes: /health (liveness), /ready (readiness) and /metrics (Prometheus).
 
-Owns: what each answers and when. /metrics is public, like /health; put it
-behind the network's own controls where that matters.
+Owns: what each answers and when. /health and /ready are public; /metrics is
+public by default and can require an API key or the admin token
+(`server.metrics_access`). /ready is 503 while loading, draining, or when the
+engine's watchdog says its loop has stalled.
 """
 
 from __future__ import annotations
