@@ -19,7 +19,6 @@ import datetime as dt
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from .atomic import publish, staging_path
 from .config import ModelConfig
 from .lora.weights import describe_adapter
 from .model import load_model
@@ -102,7 +102,7 @@ def fuse(adapter: Path, out: Path, model_cfg: ModelConfig, *, cache_dir: Path, t
     report({"event": "progress", "stage": "merging"})
     merged = peft_model.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".staging-{out.name}-{os.getpid()}-{time.monotonic_ns()}"
+    staging = staging_path(out.parent, out.name)
     try:
         merged.save_pretrained(str(staging))
         loaded.tokenizer.save_pretrained(str(staging))
@@ -124,13 +124,10 @@ def fuse(adapter: Path, out: Path, model_cfg: ModelConfig, *, cache_dir: Path, t
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         (staging / CARD_FILE).write_text(json.dumps(card, indent=1))
-        if out.exists():  # replace: the old folder leaves and the new one arrives by renames only
-            aside = out.parent / f".staging-old-{out.name}-{time.monotonic_ns()}"
-            os.replace(out, aside)
-            os.replace(staging, out)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        try:
+            publish(staging, out, replace=replace)
+        except FileExistsError:
+            raise ExportError(f"{out} appeared during the export; nothing was published") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s + %s to %s (max |logit diff| %.3g)", loaded.model_id, adapter, out, diff)

@@ -322,6 +322,9 @@ class TorchEngine:
         joining = [p for p in joining if p not in unknown]
         if not joining:
             return
+        # Rows of one adapter side by side: a batch that joins together (and stays) then has
+        # contiguous adapter groups, which the "gathered" LoRA backend reads as plain views.
+        joining.sort(key=lambda p: p.request.adapter or "")
         rows = []
         for p in joining:
             seq = Sequence(p.request, self._decoder, self._eos)

@@ -160,11 +160,13 @@ class BatchedLora:
         return a_st, b_st
 
     def gather_index(self, targeted: list[str], tokens: int, device: torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, int, bool, bool]:
         """Flat indexes over rows*tokens (+1 zero row at the end): (n*m*tokens,) to gather and to add
-        back, m, and whether any group is padded (else the zero row is not needed). Group i holds the
-        token rows of adapter targeted[i], padded to the largest group. Cached until the batch
-        changes: every layer with the same adapters shares them."""
+        back, m, whether any group is padded (else the zero row is not needed), and whether the
+        gather is the identity (rows already grouped by adapter, in `targeted` order, equal groups:
+        then the blocks are plain views). Group i holds the token rows of adapter targeted[i],
+        padded to the largest group. Cached until the batch changes: every layer with the same
+        adapters shares them."""
         key = (tuple(targeted), tokens, device)
         hit = self._gathers.get(key)
         if hit is None:
@@ -182,7 +184,8 @@ class BatchedLora:
                         gather.extend([pad] * tokens)
                         back.extend([0] * tokens)              # adds zeros: harmless anywhere
             padded = any(len(g) < m for g in groups)
-            hit = (torch.tensor(gather, device=device), torch.tensor(back, device=device), m, padded)
+            identity = not padded and gather == list(range(len(self.rows) * tokens))
+            hit = (torch.tensor(gather, device=device), torch.tensor(back, device=device), m, padded, identity)
             self._gathers[key] = hit
         return hit
 
@@ -217,14 +220,19 @@ def _dense(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str], ou
 def _gathered(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str], out: torch.Tensor) -> None:
     tokens = x.shape[1] if x.dim() == 3 else 1
     a_st, b_st = bl.stacks(layer, targeted, x.dtype)
-    gather, back, m, padded = bl.gather_index(targeted, tokens, x.device)
+    gather, back, m, padded, identity = bl.gather_index(targeted, tokens, x.device)
+    n = len(targeted)
+    out2 = out.view(-1, out.shape[-1])
+    if identity and out2.dtype == x.dtype:
+        # Rows already grouped by adapter (the engine orders joining rows so): two ops, no copies.
+        blocks = out2.view(n, m * tokens, -1)
+        blocks.baddbmm_(torch.bmm(x.reshape(n, m * tokens, -1), a_st), b_st)
+        return
     x2 = x.reshape(-1, x.shape[-1])
     if padded:  # one op less per layer when every adapter has as many rows (decode at a balanced mix)
         x2 = torch.cat([x2, x2.new_zeros(1, x2.shape[1])])   # the zero row padding slots read
-    n = len(targeted)
     xg = x2.index_select(0, gather).view(n, m * tokens, -1)   # (n, m * tokens, in)
     delta = torch.bmm(torch.bmm(xg, a_st), b_st)             # (n, m * tokens, out)
-    out2 = out.view(-1, out.shape[-1])
     out2.index_add_(0, back, delta.view(-1, delta.shape[-1]).to(out2.dtype))
 
 

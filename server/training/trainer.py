@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
@@ -30,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..atomic import publish, staging_path
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import load_model
@@ -191,20 +191,15 @@ def _publish(peft_model: Any, card: dict, store: Path, name: str, replace_existi
     """Write the adapter to a staging folder beside the store, then rename it in: whole or not at all."""
     home = store / ".loraplex"
     home.mkdir(parents=True, exist_ok=True)
-    staging = home / f".staging-{name}-{os.getpid()}-{time.monotonic_ns()}"
+    staging = staging_path(home, name)
     target = store / name
     try:
         peft_model.save_pretrained(str(staging))
         (staging / CARD_FILE).write_text(json.dumps(card, indent=1))
-        if target.exists():
-            if not replace_existing:
-                raise TrainingError(f"{target} appeared while training; the result was not published")
-            aside = home / f".staging-old-{name}-{time.monotonic_ns()}"
-            os.replace(target, aside)
-            os.replace(staging, target)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        try:
+            publish(staging, target, replace=replace_existing, aside_dir=home)
+        except FileExistsError:
+            raise TrainingError(f"{target} appeared while training; the result was not published") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -1,37 +1,22 @@
 """A client that goes away stops its generation (real uvicorn, FakeEngine)."""
 
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
 from server.app import create_app
 from server.config import load_config
 from server.engine.fake import FakeEngine
-from tests.helpers import free_port
+from tests.helpers import LiveApp
 
 
 @pytest.fixture
 def live(store_copy):
     engine = FakeEngine(token_delay=0.02)
     app = create_app(load_config(environ={"LORAPLEX_ADAPTERS__DIR": str(store_copy)}), engine=engine)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url, engine, app.state.loraplex.registry
-    server.should_exit = True
-    thread.join(10)
+    with LiveApp(app) as live_app:
+        yield live_app.url, engine, app.state.loraplex.registry
 
 
 def wait_for(cond, timeout=5.0):

@@ -2,19 +2,16 @@
 FakeEngine): at least 2,000 generated requests, no 5xx, no hang."""
 
 import shutil
-import threading
-import time
 
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, settings
 
 from server.app import create_app
 from server.config import load_config
 from server.engine.fake import FakeEngine
-from tests.helpers import free_port
+from tests.helpers import LiveApp
 
 CALLS = {"n": 0, "by_status": {}}
 
@@ -29,22 +26,8 @@ def live(tiny_store, tiny_model_dir, tmp_path_factory):
            "LORAPLEX_TRAIN__DATA_DIR": str(tmp / "data"), "LORAPLEX_TRAIN__EXPORTS_DIR": str(tmp / "exports"),
            "LORAPLEX_TRAIN__MAX_QUEUED_JOBS": "1", "LORAPLEX_SERVER__MAX_PROMPTS": "4", "LORAPLEX_SERVER__MAX_N": "2",
            "LORAPLEX_SERVER__REQUEST_TIMEOUT_S": "10"}
-    app = create_app(load_config(environ=env), engine=FakeEngine(context_length=256))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(30)
+    with LiveApp(create_app(load_config(environ=env), engine=FakeEngine(context_length=256))) as live_app:
+        yield live_app.url
 
 
 def _schema():

@@ -69,3 +69,30 @@ def test_all_base_rows_add_nothing(model):
 def test_unknown_backend_is_refused(model):
     with pytest.raises(ValueError, match="valid"):
         BatchedLora(model, backend="cuda-magic")
+
+
+def test_rows_grouped_by_adapter_take_the_view_path_and_equal_peft():
+    """Balanced, contiguous groups (how the engine orders a batch that joins together): no gather."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    peft = get_peft_model(tiny_llama(300), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False), adapter_name="a")
+    peft.add_adapter("b", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.eval()
+    rows = ["a", "a", "b", "b"]
+    for tokens in (1, 5):
+        ids = torch.randint(0, 300, (len(rows), tokens))
+        with torch.no_grad():
+            ref = peft(input_ids=ids, adapter_names=rows).logits
+        peft.base_model.disable_adapter_layers()
+        bl = BatchedLora(peft, backend="gathered")
+        try:
+            bl.set_rows(rows)
+            with torch.no_grad():
+                ours = peft(input_ids=ids).logits
+            assert bl.gather_index(["a", "b"], tokens, ids.device)[4] is True  # the identity case was used
+        finally:
+            bl.detach()
+            peft.base_model.enable_adapter_layers()
+        assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
