@@ -322,9 +322,6 @@ class TorchEngine:
         joining = [p for p in joining if p not in unknown]
         if not joining:
             return
-        # Rows of one adapter side by side: a batch that joins together (and stays) then has
-        # contiguous adapter groups, which the "gathered" LoRA backend reads as plain views.
-        joining.sort(key=lambda p: p.request.adapter or "")
         rows = []
         for p in joining:
             seq = Sequence(p.request, self._decoder, self._eos)
@@ -342,10 +339,21 @@ class TorchEngine:
                     runner.keep(state, keep)
                 self._state = runner.merge(self._state, state)
                 self._rows += [rows[i] for i in keep]
+                self._group_rows()
         except Exception as e:
             log.exception("prefill failed; failing %d requests", len(joining))
             self._fail(joining, LoraplexError(f"engine error: {type(e).__name__}: {e}", code="engine_error"))
         self._report_step(len(rows), t0)
+
+    def _group_rows(self) -> None:
+        """Put the rows of one adapter side by side (stable: first come stays first within an
+        adapter). With contiguous, equal groups the "gathered" LoRA backend reads each group as a
+        view instead of gathering and scattering rows at every layer; the price is one reorder of
+        the KV cache per join, which the merge has just copied anyway."""
+        order = sorted(range(len(self._rows)), key=lambda i: self._rows[i].pending.request.adapter or "")
+        if order != list(range(len(self._rows))):
+            self._runner.keep(self._state, order)
+            self._rows = [self._rows[i] for i in order]
 
     def _decode(self) -> None:
         """One token for every running row."""
