@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     setup_logging("info")
+    from .jobs import stop_with_parent
+
+    stop_with_parent()  # a no-op unless this process is a server's background job
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -36,6 +36,7 @@ log = logging.getLogger("loraplex.jobs")
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 KEEP_FINISHED = 100            # finished jobs remembered for GET /admin/jobs/{id}
 STOPPED_EXIT = 3               # `loraplex train` stopped at a checkpoint on request
+PARENT_ENV = "LORAPLEX_JOB_PARENT_PID"
 OnSuccess = Callable[["Job"], Awaitable[Any]]
 
 
@@ -170,11 +171,13 @@ class JobManager:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         job.log_path = self.log_dir / f"{job.id}.log"
         job.status, job.started = "running", time.time()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # The child arms "stop when my parent dies" itself (server/cli.py): a preexec_fn would run
+        # between fork and exec in a threaded server, where it can deadlock.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
         with open(job.log_path, "wb") as errlog:
             job.proc = await asyncio.create_subprocess_exec(
                 *self.program, *job.argv, stdout=asyncio.subprocess.PIPE, stderr=errlog,
-                env=env, limit=1 << 20, preexec_fn=_stop_with_parent)
+                env=env, limit=1 << 20)
             assert job.proc.stdout is not None
             async for raw in job.proc.stdout:
                 self._event(job, raw)
@@ -222,11 +225,17 @@ class JobManager:
         return f"exit status {rc}: {detail}"
 
 
-def _stop_with_parent() -> None:
-    """In the child, before exec: SIGTERM it when the server dies, even by kill -9 (Linux), so no
-    job outlives its server; a training then saves a checkpoint, an export leaves only staging."""
-    if sys.platform.startswith("linux"):
-        import ctypes
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def stop_with_parent() -> None:
+    """In a job's child process: get SIGTERM when the server that started it dies, even by kill -9
+    (Linux), so no job outlives its server; a training then saves a checkpoint, an export leaves
+    only staging. Exits at once if the server is already gone."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # it died before the line above
+        sys.exit(3)

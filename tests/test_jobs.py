@@ -128,3 +128,39 @@ def test_shutdown_stops_the_running_job_and_cancels_the_queue(tmp_path):
         assert queued.status == "cancelled"
         await until(running, "cancelled")
     asyncio.run(main())
+
+
+def test_a_job_child_dies_with_its_server(tmp_path):
+    """kill -9 of the parent reaches the child as SIGTERM (PR_SET_PDEATHSIG armed by the child itself)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pidfile = tmp_path / "child.pid"
+    child = ("import os, time; from server.jobs import stop_with_parent; stop_with_parent(); "
+             f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    parent = ("import os, subprocess, sys, time; "
+              "env = {**os.environ, 'LORAPLEX_JOB_PARENT_PID': str(os.getpid())}; "
+              f"subprocess.Popen([sys.executable, '-c', {child!r}], env=env); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.monotonic() + 30
+    while not (pidfile.exists() and pidfile.read_text()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child_pid = int(pidfile.read_text())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reaped by init eventually; a zombie still answers kill(0)
+            if open(f"/proc/{child_pid}/stat").read().split()[2] == "Z":
+                return
+        except OSError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the child outlived its parent")
