@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import staging_path
+
 log = logging.getLogger("loraplex.state")
 
 VERSION = 1
@@ -52,7 +54,7 @@ class StateFile:
     def staging(self, name: str) -> Path:
         """A staging folder on the same file system as its target, so rename is atomic."""
         self.home.mkdir(parents=True, exist_ok=True)
-        return self.home / f".staging-{name}-{os.getpid()}-{time.monotonic_ns()}"
+        return staging_path(self.home, name)
 
     def clean_staging(self) -> None:
         for parent in (self.home, self.store):

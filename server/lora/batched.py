@@ -117,7 +117,7 @@ class BatchedLora:
         key = (id(layer), self._present)
         hit = self._plans.get(key)
         if hit is None:
-            targeted = [a for a in self._present if a in layer.lora_A]
+            targeted = tuple(a for a in self._present if a in layer.lora_A)  # hashable: a cache key as is
             if not targeted:
                 hit = (None,)
             else:
@@ -129,7 +129,7 @@ class BatchedLora:
         return None if hit[0] is None else hit
 
     # -- helpers used by the backends ------------------------------------------------
-    def concat(self, layer: Any, targeted: list[str], dtype: torch.dtype
+    def concat(self, layer: Any, targeted: tuple[str, ...], dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
         """A_cat^T (in, R) and B_cat^T (R, out) with scales folded in, in the activations'
         dtype (PEFT keeps adapter weights in float32; a bfloat16 model computes its deltas in
@@ -143,7 +143,7 @@ class BatchedLora:
         self._cache[id(layer)] = (targeted, a_t, b_t, blocks)
         return a_t, b_t, blocks
 
-    def stacks(self, layer: Any, targeted: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def stacks(self, layer: Any, targeted: tuple[str, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """A (n, in, r_max) and B (n, r_max, out), ranks zero-padded, scales folded into B."""
         hit = self._stacks.get(id(layer))
         if hit is not None and hit[0] == targeted and hit[1].dtype == dtype:
@@ -159,7 +159,7 @@ class BatchedLora:
         self._stacks[id(layer)] = (targeted, a_st, b_st)
         return a_st, b_st
 
-    def gather_index(self, targeted: list[str], tokens: int, device: torch.device
+    def gather_index(self, targeted: tuple[str, ...], tokens: int, device: torch.device
                      ) -> tuple[torch.Tensor, torch.Tensor, int, bool, bool]:
         """Flat indexes over rows*tokens (+1 zero row at the end): (n*m*tokens,) to gather and to add
         back, m, whether any group is padded (else the zero row is not needed), and whether the
@@ -167,7 +167,7 @@ class BatchedLora:
         then the blocks are plain views). Group i holds the token rows of adapter targeted[i],
         padded to the largest group. Cached until the batch changes: every layer with the same
         adapters shares them."""
-        key = (tuple(targeted), tokens, device)
+        key = (targeted, tokens, device)
         hit = self._gathers.get(key)
         if hit is None:
             groups = [[i for i, r in enumerate(self.rows) if r == a] for a in targeted]
@@ -205,7 +205,7 @@ class BatchedLora:
         return m
 
 
-def _dense(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str], out: torch.Tensor) -> None:
+def _dense(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: tuple[str, ...], out: torch.Tensor) -> None:
     a_t, b_t, blocks = bl.concat(layer, targeted, x.dtype)
     x2 = x.reshape(-1, x.shape[-1])                          # (rows * tokens, in)
     xa = torch.mm(x2, a_t)                                   # (rows * tokens, R)
@@ -217,7 +217,7 @@ def _dense(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str], ou
         out2.add_(torch.mm(xa, b_t).to(out2.dtype))
 
 
-def _gathered(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str], out: torch.Tensor) -> None:
+def _gathered(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: tuple[str, ...], out: torch.Tensor) -> None:
     tokens = x.shape[1] if x.dim() == 3 else 1
     a_st, b_st = bl.stacks(layer, targeted, x.dtype)
     gather, back, m, padded, identity = bl.gather_index(targeted, tokens, x.device)
@@ -236,7 +236,7 @@ def _gathered(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str],
     out2.index_add_(0, back, delta.view(-1, delta.shape[-1]).to(out2.dtype))
 
 
-def _segments(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str], out: torch.Tensor) -> None:
+def _segments(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: tuple[str, ...], out: torch.Tensor) -> None:
     for a in targeted:
         idx = bl._row_index[a].to(x.device)
         A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
@@ -244,7 +244,7 @@ def _segments(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str],
         out.index_add_(0, idx, part.to(out.dtype))
 
 
-def _loop(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: list[str], out: torch.Tensor) -> None:
+def _loop(bl: BatchedLora, layer: Any, x: torch.Tensor, targeted: tuple[str, ...], out: torch.Tensor) -> None:
     for i, a in enumerate(bl.rows):
         if a in targeted:
             A, B = layer.lora_A[a].weight, layer.lora_B[a].weight

@@ -123,12 +123,11 @@ def blend_into_store(model_cfg: Any, cache_dir: Path, store: Path, name: str, pa
     """Offline blend (`loraplex blend`): load the base and the named store adapters, build the blend
     with PEFT, and write it into the store as `<store>/<name>` (staging folder, then rename)."""
     import json
-    import os
     import shutil
-    import time
 
     from peft import PeftModel
 
+    from ..atomic import publish, staging_path
     from ..model import load_model
     from .weights import describe_adapter
 
@@ -145,11 +144,11 @@ def blend_into_store(model_cfg: Any, cache_dir: Path, store: Path, name: str, pa
     for n, _ in rest:
         peft_model.load_adapter(str(store / n), adapter_name=n)
     build(peft_model, name, spec)
-    staging = store / ".loraplex" / f".staging-{name}-{os.getpid()}-{time.monotonic_ns()}"
+    staging = staging_path(store / ".loraplex", name)
     try:
         write_folder(peft_model, name, staging)
         (staging / "blend.json").write_text(json.dumps({"name": name, **spec.recipe()}, indent=1))
-        os.replace(staging, target)
+        publish(staging, target, replace=False)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -23,7 +23,7 @@ import math
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,11 +71,10 @@ class TrainOptions:
     resume: bool = False
     long_examples: str = "error"               # error | skip | truncate
     replace: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def hyperparameters(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("data", "name", "resume", "replace", "extra"):
+        for k in ("data", "name", "resume", "replace"):
             d.pop(k)
         return d
 
@@ -118,7 +117,7 @@ class _Examples(torch.utils.data.Dataset):
 
 def _precision(opts: TrainOptions, device: torch.device) -> tuple[str, str]:
     if opts.precision != "auto":
-        if opts.precision in ("bf16", "fp16") and device.type == "cpu" and opts.precision == "fp16":
+        if opts.precision == "fp16" and device.type == "cpu":
             raise ConfigError("fp16 training needs CUDA; use bf16 or fp32 on CPU")
         return opts.precision, "set in the options"
     if device.type == "cuda":

@@ -91,7 +91,7 @@ def test_rows_grouped_by_adapter_take_the_view_path_and_equal_peft():
             bl.set_rows(rows)
             with torch.no_grad():
                 ours = peft(input_ids=ids).logits
-            assert bl.gather_index(["a", "b"], tokens, ids.device)[4] is True  # the identity case was used
+            assert bl.gather_index(("a", "b"), tokens, ids.device)[4] is True  # the identity case was used
         finally:
             bl.detach()
             peft.base_model.enable_adapter_layers()
