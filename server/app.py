@@ -36,7 +36,8 @@ def build_engine(config: Config, metrics: Metrics) -> Engine:
     from .engine.loop import TorchEngine  # torch is imported only when a real engine is wanted
 
     return TorchEngine(config.model, config.engine, cache_dir=config.path(config.model.cache_dir),
-                       max_lora_rank=config.adapters.max_lora_rank, on_step=metrics.engine_step)
+                       max_lora_rank=config.adapters.max_lora_rank, slots=config.adapters.max_loaded_adapters,
+                       host_adapters=config.adapters.max_cpu_adapters, on_step=metrics.engine_step)
 
 
 def _state_gauges(metrics: Metrics, engine: Engine, registry: Registry) -> None:
@@ -46,8 +47,16 @@ def _state_gauges(metrics: Metrics, engine: Engine, registry: Registry) -> None:
                   lambda: engine.stats().running)
     metrics.gauge("loraplex_requests_waiting", "Requests waiting for a place in a batch",
                   lambda: engine.stats().waiting)
-    metrics.gauge("loraplex_kv_cache_tokens", "Token positions held in the KV cache (padding included)",
+    metrics.gauge("loraplex_kv_cache_tokens", "Token positions in KV-cache blocks in use",
                   lambda: engine.stats().kv_cache_tokens)
+    metrics.gauge("loraplex_kv_cache_capacity_tokens", "Token positions the KV pool holds",
+                  lambda: engine.stats().kv_cache_capacity_tokens)
+    metrics.counter("loraplex_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                    lambda: engine.stats().prefix_cache_queries)
+    metrics.counter("loraplex_prefix_cache_hits", "Prompt tokens found in the prefix cache (not recomputed)",
+                    lambda: engine.stats().prefix_cache_hits)
+    metrics.counter("loraplex_preemptions", "Sequences preempted (recomputed later) when the KV pool ran out",
+                    lambda: engine.stats().preemptions)
     metrics.counter("loraplex_admission_waits", "Requests that arrived while a batch ran and waited for it",
                     lambda: engine.stats().admission_waits)
     metrics.gauge("loraplex_gpu_memory_allocated_bytes", "GPU memory allocated by torch",
@@ -87,7 +96,8 @@ def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_fai
     metrics = Metrics()
     engine = engine if engine is not None else build_engine(config, metrics)
     registry = Registry(engine, config.path(config.adapters.dir), capacity=config.adapters.max_loaded_adapters,
-                        roots=[config.path(r) for r in config.adapters.roots], observer=metrics)
+                        roots=[config.path(r) for r in config.adapters.roots], observer=metrics,
+                        slot_wait_s=config.adapters.slot_wait_s)
     jobs = JobManager(config.path(config.adapters.dir) / ".loraplex" / "jobs",
                       max_queued=config.train.max_queued_jobs, on_finish=metrics.job_finished)
     _state_gauges(metrics, engine, registry)

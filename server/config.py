@@ -78,12 +78,20 @@ class ModelConfig:
 class EngineConfig:
     """The generation engine: batching and threads."""
 
-    max_batch_size: int = 32        # sequences decoded together in one step
-    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (joining requests)
-    max_kv_tokens: int = 65536      # KV-cache tokens reserved (prompt + max_tokens per sequence)
+    max_batch_size: int = 32        # sequences running at once (vLLM's max_num_seqs)
+    # Tokens computed in one step: every running decode's token, then prompt chunks. A prompt
+    # longer than this is split over steps, so one long prompt never stalls running streams.
+    max_num_batched_tokens: int = 512
+    max_prefill_chunk: int = 256    # most prompt tokens one sequence computes in one step
+    block_size: int = 16            # tokens per KV-cache block
+    # KV pool size in bytes; 0 = auto (on CUDA 60% of the memory free after loading, on CPU 2 GiB).
+    kv_cache_memory: int = 0
+    max_kv_tokens: int = 0          # if > 0, the KV pool holds exactly this many tokens (rounded up to blocks)
+    prefix_caching: bool = True     # reuse the KV blocks of a prompt prefix seen before, per adapter
+    attention_backend: str = "batched"  # batched | reference (see server/engine/attention.py)
     max_waiting_requests: int = 256  # queued beyond this get 429
     threads: int = 0                # torch intra-op threads; 0 = torch's default
-    lora_backend: str = "auto"      # auto | dense | gathered | segments | loop (see server/lora/batched.py)
+    lora_backend: str = "auto"      # auto | gathered | segments | loop (see server/lora/pool.py)
     # /ready turns 503 when the engine loop has not come round for this long (a stalled or
     # wedged engine thread): one step, or one adapter load, must never take longer.
     stall_timeout_s: float = 120.0
@@ -96,7 +104,11 @@ class AdaptersConfig:
     dir: str = "adapters"
     load_at_startup: bool = True    # register every valid folder found in `dir`
     max_lora_rank: int = 64
-    max_loaded_adapters: int = 16   # adapters (and blends) held in memory; LRU beyond
+    max_loaded_adapters: int = 16   # LoRA slots: adapters (and blends) held on the device; LRU beyond
+    max_cpu_adapters: int = 32      # evicted adapters kept prepared in RAM, so a reload skips the disk
+    # A request for an adapter not in a slot, when every slot is serving, waits this long for one
+    # to go idle before it gets 429 (0 = 429 at once).
+    slot_wait_s: float = 30.0
     # Extra folders an admin may load adapters from by absolute path (the store is always allowed).
     roots: list[str] = field(default_factory=list)
 
@@ -161,7 +173,8 @@ _CHOICES = {
     ("server", "log_level"): {"debug", "info", "warning", "error"},
     ("server", "log_format"): {"text", "json"},
     ("server", "metrics_access"): {"public", "inference", "admin"},
-    ("engine", "lora_backend"): {"auto", "dense", "gathered", "segments", "loop"},
+    ("engine", "lora_backend"): {"auto", "gathered", "segments", "loop"},
+    ("engine", "attention_backend"): {"batched", "reference"},
 }
 
 
@@ -233,8 +246,9 @@ def _validate(cfg: Config) -> None:
         ("server.max_tokens", cfg.server.max_tokens), ("server.default_max_tokens", cfg.server.default_max_tokens),
         ("server.max_n", cfg.server.max_n), ("server.max_prompts", cfg.server.max_prompts),
         ("engine.max_batch_size", cfg.engine.max_batch_size),
-        ("engine.max_prefill_tokens", cfg.engine.max_prefill_tokens),
-        ("engine.max_kv_tokens", cfg.engine.max_kv_tokens),
+        ("engine.max_num_batched_tokens", cfg.engine.max_num_batched_tokens),
+        ("engine.max_prefill_chunk", cfg.engine.max_prefill_chunk),
+        ("engine.block_size", cfg.engine.block_size),
         ("engine.max_waiting_requests", cfg.engine.max_waiting_requests),
         ("adapters.max_lora_rank", cfg.adapters.max_lora_rank),
         ("adapters.max_loaded_adapters", cfg.adapters.max_loaded_adapters),
@@ -248,14 +262,22 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{name}: must be > 0, got {v}")
     for name, v in [("server.max_prompt_tokens", cfg.server.max_prompt_tokens),
                     ("engine.threads", cfg.engine.threads),
+                    ("engine.kv_cache_memory", cfg.engine.kv_cache_memory),
+                    ("engine.max_kv_tokens", cfg.engine.max_kv_tokens),
+                    ("adapters.max_cpu_adapters", cfg.adapters.max_cpu_adapters),
                     ("model.context_length", cfg.model.context_length),
                     ("server.max_top_logprobs", cfg.server.max_top_logprobs)]:
         if v < 0:
             raise ConfigError(f"{name}: must be >= 0, got {v}")
     for name, v in [("server.request_timeout_s", cfg.server.request_timeout_s),
+                    ("adapters.slot_wait_s", cfg.adapters.slot_wait_s),
                     ("server.drain_timeout_s", cfg.server.drain_timeout_s)]:
         if not v >= 0:  # also refuses NaN
             raise ConfigError(f"{name}: must be >= 0, got {v}")
+    if cfg.engine.max_num_batched_tokens < cfg.engine.max_batch_size:
+        raise ConfigError(f"engine.max_num_batched_tokens ({cfg.engine.max_num_batched_tokens}) must be >= "
+                          f"engine.max_batch_size ({cfg.engine.max_batch_size}): every running sequence "
+                          "gets a token each step")
     if not cfg.engine.stall_timeout_s > 0:
         raise ConfigError(f"engine.stall_timeout_s: must be > 0, got {cfg.engine.stall_timeout_s}")
     if not 0.0 <= cfg.train.eval_fraction < 1.0:

@@ -4,9 +4,11 @@ Owns: which adapters and blends exist (`Entry`), which of them are in the
 engine's memory, and the rules around that:
 - a request `acquire`s a lease on its adapter and releases it when done; an
   adapter with leases out is never evicted or freed;
-- at most `max_loaded_adapters` are in memory; loading past it evicts the least
-  recently used entry that is unpinned and idle, else 429; an evicted entry stays
-  registered and is reloaded on its next request;
+- at most `max_loaded_adapters` are in memory (the engine's LoRA slots); loading past
+  it evicts the least recently used entry that is unpinned and idle; a request that
+  finds every slot busy waits up to `slot_wait_s` for one to go idle, then gets 429
+  (an admin load gets 429 at once); an evicted entry stays registered and is reloaded
+  on its next request;
 - unregistering hides the name at once (new requests get 404), waits for the
   leases out on it, then frees it;
 - the registered set, pins and blends are saved to a state file after each change.
@@ -97,7 +99,7 @@ def check_name(name: object, param: str = "name") -> str:
 
 class Registry:
     def __init__(self, engine: Engine, store: Path, *, capacity: int = 16, roots: list[Path] | None = None,
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, slot_wait_s: float = 0.0):
         self.engine = engine
         self.observer = observer or Observer()
         self.store = Path(store)
@@ -108,6 +110,8 @@ class Registry:
         self._removed: set[str] = set()
         self._lock = asyncio.Lock()
         self._seq = 0
+        self.slot_wait_s = slot_wait_s
+        self._went_idle = asyncio.Event()  # set whenever a loaded entry's last lease is released
 
     def _touch(self, e: Entry) -> None:
         self._seq += 1
@@ -188,7 +192,7 @@ class Registry:
         if not e.loaded:
             async with self._lock:
                 if not e.loaded:
-                    await self._load_into_memory(e)
+                    await self._load_into_memory(e, wait=self.slot_wait_s if request else 0.0)
 
     def release(self, lease: Lease) -> None:
         if lease.released:
@@ -198,6 +202,7 @@ class Registry:
             e.inflight -= 1
             if e.inflight == 0:
                 e.idle.set()
+                self._went_idle.set()
 
     async def _acquire_mix(self, mix: list[tuple[str, float]]) -> Lease:
         spec = BlendSpec(tuple(mix), "cat")
@@ -228,10 +233,19 @@ class Registry:
     def _loaded_count(self) -> int:
         return sum(1 for e in self._entries.values() if e.loaded)
 
-    async def _make_room(self) -> None:
-        """Evict LRU idle unpinned entries until one more fits. Call with _lock held."""
+    async def _make_room(self, wait: float = 0.0) -> None:
+        """Evict LRU idle unpinned entries until one more fits. Call with _lock held.
+        With every slot serving, wait up to `wait` seconds for one to go idle, then 429."""
+        deadline = time.monotonic() + wait
         while self._loaded_count() >= self.capacity:
             idle = [e for e in self._entries.values() if e.loaded and not e.pinned and e.inflight == 0]
+            if not idle and time.monotonic() < deadline:
+                self._went_idle.clear()
+                try:
+                    await asyncio.wait_for(self._went_idle.wait(), deadline - time.monotonic())
+                except asyncio.TimeoutError:
+                    pass
+                continue
             if not idle:
                 busy = sum(1 for e in self._entries.values() if e.loaded and e.inflight)
                 pinned = sum(1 for e in self._entries.values() if e.loaded and e.pinned)
@@ -250,9 +264,9 @@ class Registry:
             self.observer.adapter_evicted()
             log.info("evicted %s (least recently used)", victim.name)
 
-    async def _load_into_memory(self, e: Entry) -> None:
+    async def _load_into_memory(self, e: Entry, wait: float = 0.0) -> None:
         """Call with _lock held."""
-        await self._make_room()
+        await self._make_room(wait)
         t0 = time.perf_counter()
         try:
             e.info = await self.engine.load_adapter(e.name, e.path, check_rank=e.kind == "adapter")

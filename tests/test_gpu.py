@@ -1,4 +1,4 @@
-"""On CUDA: the engine, the batched LoRA path and the quantized base on the GPU (skipped without one).
+"""On CUDA: the engine, the LoRA slots and the quantized base on the GPU (skipped without one).
 
 `loadtest/gpu_check.sh` runs these with `-m gpu` and then the benchmark, on a machine lent with a GPU.
 """
@@ -11,7 +11,9 @@ import torch
 from server.config import load_config
 from server.engine.loop import TorchEngine
 from server.engine.types import GenerationRequest, SamplingParams
-from server.lora.batched import BACKENDS, BASE, BatchedLora
+from server.lora.pool import BACKENDS, LoraBatch, LoraPool
+from server.lora.slots import prepare
+from server.lora.weights import AdapterFiles
 from tests.helpers import tiny_llama
 
 pytestmark = [pytest.mark.gpu,
@@ -19,24 +21,30 @@ pytestmark = [pytest.mark.gpu,
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_batched_lora_on_cuda_equals_peft(backend):
-    from peft import LoraConfig, get_peft_model
+def test_lora_slots_on_cuda_equal_peft(backend):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
+    configs = {"a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+               "b": LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"], init_lora_weights=False)}
     torch.manual_seed(3)
-    peft = get_peft_model(tiny_llama(300), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                      init_lora_weights=False), adapter_name="a")
-    peft.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"], init_lora_weights=False))
+    peft = get_peft_model(tiny_llama(300), configs["a"], adapter_name="a")
+    peft.add_adapter("b", configs["b"])
     peft = peft.to("cuda").eval()
-    rows = ["a", BASE, "b", "a"]
+    rows = ["a", "__base__", "b", "a"]
     ids = torch.randint(0, 300, (len(rows), 6), device="cuda")
     with torch.no_grad():
         ref = peft(input_ids=ids, adapter_names=rows).logits
-    peft.base_model.disable_adapter_layers()
-    bl = BatchedLora(peft, backend=backend)
-    bl.set_rows(rows)
+    model = tiny_llama(300).to("cuda")
+    pool = LoraPool(2, torch.float32, torch.device("cuda"), backend)
+    pool.wrap(model, exclude={id(model.lm_head)})
+    modules = {n for n, _ in model.named_modules()}
+    for slot, name in enumerate(configs):
+        sd = get_peft_model_state_dict(peft, adapter_name=name)
+        pool.write(slot, prepare(name, AdapterFiles(None, configs[name], sd), pool, modules).weights)
+    pool.batch = LoraBatch([(0, 0, 6), (1, 12, 18), (0, 18, 24)], 24, torch.device("cuda"))
     with torch.no_grad():
-        ours = peft(input_ids=ids).logits
-    bl.detach()
+        ours = model(input_ids=ids).logits
+    pool.batch = None
     assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
 
 

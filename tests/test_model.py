@@ -69,8 +69,8 @@ def running_engine(model_dir, cache, **overrides):
 def test_quantized_base_serves_with_adapters(tiny_model_dir, tiny_store, tmp_path, quant, layer):
     with running_engine(tiny_model_dir, tmp_path, **{"model.quantization": quant}) as engine:
         asyncio.run(engine.load_adapter("alpha", tiny_store / "alpha"))
-        q_proj = engine._runner.base.model.layers[0].self_attn.q_proj
-        assert type(q_proj).__name__ == layer  # PEFT's bnb LoRA layer over the quantized weight
+        q_proj = engine._runner.model.model.layers[0].self_attn.q_proj
+        assert type(q_proj.base).__name__ == layer  # the LoRA slots wrap the quantized layer
         base, tuned = generate(engine, None), generate(engine, "alpha")
         assert len(base) == len(tuned) == 8 and base != tuned
 
@@ -99,15 +99,16 @@ def test_adapter_for_another_base_is_refused_without_trace(tiny_model_dir, tiny_
         assert generate(engine, "alpha") != before
 
 
-def test_removing_the_last_adapter_restores_the_plain_base(tiny_model_dir, tiny_store, tmp_path):
+def test_unloading_the_last_adapter_leaves_the_slots_empty(tiny_model_dir, tiny_store, tmp_path):
     with running_engine(tiny_model_dir, tmp_path, **{"model.dtype": "float32"}) as engine:
         before = generate(engine, None)
         asyncio.run(engine.load_adapter("alpha", tiny_store / "alpha"))
-        assert engine._runner.peft is not None
+        pool = engine._runner.pool
+        assert any(any(layer.rank) for layer in pool.layers.values())
         asyncio.run(engine.unload_adapter("alpha"))
-        assert engine._runner.peft is None and engine._runner.adapters == set()
-        q_proj = engine._runner.base.model.layers[0].self_attn.q_proj
-        assert type(q_proj).__name__ == "Linear"
+        assert engine._runner.adapters == set()
+        assert not any(any(layer.rank) for layer in pool.layers.values())
+        assert all(float(layer.A.abs().sum()) == 0 for layer in pool.layers.values() if layer.A is not None)
         assert generate(engine, None) == before
 
 
@@ -117,7 +118,7 @@ def test_self_check_passes_for_llama_and_refuses_a_broken_model(tiny_model_dir, 
     from server.errors import ConfigError
 
     loaded = load_model(ModelConfig(model=str(tiny_model_dir), dtype="float32"), tmp_path)
-    runner = ModelRunner(loaded)
+    runner = ModelRunner(loaded, slots=2, num_blocks=32, block_size=16)
     assert runner.self_check() < 1e-4
 
     # A model that ignores position ids and attention masks (as an unsupported architecture might)

@@ -338,3 +338,25 @@ def test_corrupt_state_is_set_aside(store):
     assert len(list(home.glob("state.json.corrupt-*"))) == 1
     assert json.loads((home / "state.json").read_text())["version"] == 1
     assert not (home / ".staging-x-1").exists()
+
+
+def test_a_request_waits_for_a_busy_slot_to_go_idle(store):
+    reg, eng = make(store, capacity=1, slot_wait_s=5.0)
+
+    async def main():
+        await reg.register("alpha", "alpha")
+        await reg.register("beta", "beta")               # alpha evicted
+        held = await reg.acquire("beta")
+        waiter = asyncio.create_task(reg.acquire("alpha"))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()                          # every slot serves: it waits, no 429
+        reg.release(held)
+        lease = await asyncio.wait_for(waiter, 2)
+        assert lease.adapter == "alpha" and set(eng.adapters) == {"alpha"}
+        reg.release(lease)
+        held = await reg.acquire("alpha")
+        reg.slot_wait_s = 0.05
+        with pytest.raises(Overloaded):                   # and past the wait, 429 as before
+            await reg.acquire("beta")
+        reg.release(held)
+    run(main())

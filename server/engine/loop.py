@@ -1,26 +1,24 @@
 """The real engine: one thread that owns the model and every torch call.
 
-Owns: the waiting queue, admission of waiting requests into a batch, the
-decode loop (sample → append → emit → drop finished rows → next step), aborts,
-and adapter commands run between steps. Tokens go back to each request's
-asyncio queue through `loop.call_soon_threadsafe`, so the event loop never
-waits on torch.
+Owns: the queue of submitted requests, their life in the scheduler (waiting, running,
+preempted), one step per turn of the loop — schedule (`scheduler.py`) → one packed forward over
+KV blocks and LoRA slots (`runner.py`) → sample → append → emit — aborts and deadlines, and the
+adapter commands, which change the LoRA slots only between steps. Tokens go back to each
+request's asyncio queue through `loop.call_soon_threadsafe`, so the event loop never waits on
+torch.
 
-Why one thread: after the main thread has run a parallel torch op, forwards on
-another thread ran 1.5x slower here (facts.md); so the engine thread loads the
-model itself and does all torch work, adapter reads included.
-
-Scheduling is continuous: at every step boundary the scheduler admits waiting
-requests (first come, first served, any mix of adapters, within the budgets in
-`scheduler.py`); they are prefilled together and their KV caches join the
-running batch; then one decode step runs for every row. Finished and aborted
-rows leave at once and free their cache.
+Why one thread: after the main thread has run a parallel torch op, forwards on another thread
+ran 1.5x slower here (facts.md); so the engine thread loads the model itself and does every
+forward. Reading, validating and preparing an adapter (and building a blend with PEFT) happens on
+a loader thread; only the copy into its slot is done by the engine thread, between two steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -33,12 +31,16 @@ import torch
 
 from ..config import EngineConfig, ModelConfig
 from ..errors import LoraplexError, NotFound, NotReady, Overloaded, RequestTimeout
-from ..lora.blend import BlendSpec
-from ..lora.weights import AdapterInfo, describe_adapter, read_adapter
+from ..lora.blend import BlendSpec, write_folder
+from ..errors import InvalidRequest
+from ..lora.slots import Prepared, prepare
+from ..lora.weights import AdapterFiles, AdapterInfo, describe_adapter, read_adapter
 from ..model import LoadedModel, load_model
-from .runner import BatchState, ModelRunner
+from .blocks import BlockManager, KVSeq
+from .runner import ModelRunner, StepItem, model_geometry
+from .attention import KVPool
 from .sampling import RowState, make_generator, sample
-from .scheduler import Budget, Waiting, admit
+from .scheduler import Budget, Scheduler
 from .sequence import Sequence
 from .tokens import HFPromptTokenizer
 from .types import EngineStats, GenerationEvent, GenerationRequest
@@ -55,21 +57,23 @@ class _Pending:
     waited: bool = False            # counted once in admission_waits
 
 
-@dataclass
-class _Row:
-    """A running sequence: where its events go, its text state, its sampler state."""
+@dataclass(eq=False)
+class _Live:
+    """A request inside the scheduler: where its events go, its text, sampler and KV state."""
 
     pending: _Pending
     seq: Sequence
     sampler: RowState
+    kv: KVSeq
+    slot: int                       # LoRA slot, -1 for the base model
+    started: bool = False           # scheduled at least once (queue_time sent)
 
     @property
     def request_id(self) -> str:
         return self.pending.request.request_id
 
-    @property
-    def reserve(self) -> int:
-        return len(self.pending.request.prompt_ids) + self.pending.request.params.max_tokens
+
+CPU_KV_BYTES = 2 << 30              # the KV pool's default size on CPU
 
 
 class TorchEngine:
@@ -80,21 +84,30 @@ class TorchEngine:
         *,
         cache_dir: Path,
         max_lora_rank: int = 64,
+        slots: int = 16,
+        host_adapters: int = 32,
         loader: Callable[[ModelConfig, Path], LoadedModel] = load_model,
         on_step: Callable[[int, float], None] | None = None,
     ):
         self.model_cfg, self.cfg = model_cfg, engine_cfg
         self.cache_dir = cache_dir
         self.max_lora_rank = max_lora_rank
+        self.num_slots, self.host_adapters = slots, host_adapters
         self._loader = loader
-        self.on_step = on_step          # (batch size, seconds) after every step; called on the engine thread
-        self._running = 0               # rows in the current batch (read by stats() from other threads)
-        self._kv_tokens = 0
-        self._admission_waits = 0
-        self._budget = Budget(engine_cfg.max_batch_size, engine_cfg.max_prefill_tokens, engine_cfg.max_kv_tokens)
-        # The running batch; touched only on the engine thread.
-        self._rows: list[_Row] = []
-        self._state: BatchState | None = None
+        self.on_step = on_step          # (tokens in the step, seconds) after every step; on the engine thread
+        self._budget = Budget(engine_cfg.max_batch_size, engine_cfg.max_num_batched_tokens,
+                              engine_cfg.max_prefill_chunk)
+        # Read by stats() from other threads; written by the engine thread after each step.
+        self._stats = EngineStats()
+        self._admission_waits = self._preemptions = 0
+        # Touched only on the engine thread.
+        self._sched: Scheduler | None = None
+        self._blocks: BlockManager | None = None
+        self._live: dict[str, _Live] = {}
+        # Reading and preparing adapters, building blends: off the engine thread (one at a time).
+        self._host_keys: dict[str, object] = {}  # adapter name -> its files' key in the host tier
+        self._loader_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loraplex-loader")
+        self._host_lock = threading.Lock()  # the host tier is read by the loader, written by the engine thread
         self.model_id = model_cfg.id
         # _lock guards _waiting, _active, _aborted and _commands, which the event
         # loop's thread writes (submit, abort, adapter calls) while the engine
@@ -156,10 +169,17 @@ class TorchEngine:
     def submit(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if not self.ready:
             raise NotReady("the engine is not serving (loading or shutting down)", code="not_ready")
+        need = len(request.prompt_ids) + request.params.max_tokens
+        if self._blocks is not None and self._blocks.blocks_for(need) > self._blocks.num_blocks:
+            cap = self._blocks.num_blocks * self._blocks.block_size
+            raise InvalidRequest(f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens "
+                                 f"({request.params.max_tokens}) needs {need} KV-cache tokens; this server's KV pool "
+                                 f"holds {cap} (engine.kv_cache_memory / engine.max_kv_tokens)",
+                                 param="max_tokens", code="kv_cache_too_small")
         pending = _Pending(request, asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
-            if len(self._waiting) >= self.cfg.max_waiting_requests:
-                raise Overloaded(f"{len(self._waiting)} requests are waiting (engine.max_waiting_requests="
+            if len(self._waiting) + self._stats.waiting >= self.cfg.max_waiting_requests:
+                raise Overloaded(f"{len(self._waiting) + self._stats.waiting} requests are waiting (engine.max_waiting_requests="
                                  f"{self.cfg.max_waiting_requests}); retry later", retry_after=1, code="queue_full")
             self._waiting.append(pending)
             self._active.add(request.request_id)
@@ -183,35 +203,79 @@ class TorchEngine:
                 self.abort(request_id)
 
     def stats(self) -> EngineStats:
-        gpu = None
+        st = self._stats
         if self._runner is not None and self._runner.device.type == "cuda":
-            gpu = torch.cuda.memory_allocated(self._runner.device)
-        return EngineStats(self._running, len(self._waiting), self._kv_tokens, gpu, self._admission_waits)
+            st = dataclasses.replace(st, gpu_memory_bytes=torch.cuda.memory_allocated(self._runner.device))
+        with self._lock:
+            queued = len(self._waiting)
+        return dataclasses.replace(st, waiting=st.waiting + queued)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
             if request_id in self._active:
                 self._aborted.add(request_id)
 
-    # -- adapters (run on the engine thread, between steps) ----------------------
+    # -- adapters: prepared on the loader thread, installed between steps ----------------
+    async def _off_thread(self, fn: Callable[[], object]):
+        if not self.ready:
+            raise NotReady("the engine is not serving (loading or shutting down)", code="not_ready")
+        return await asyncio.get_running_loop().run_in_executor(self._loader_pool, fn)
+
     async def load_adapter(self, name: str, path: Path, *, check_rank: bool = True) -> AdapterInfo:
-        def work() -> AdapterInfo:
+        runner = self._runner
+
+        def read() -> tuple[object, Prepared]:
+            key = _file_key(path)
+            with self._host_lock:
+                hit = runner.slots.from_host(key)
+            if hit is not None:
+                return key, hit
             files = read_adapter(path, max_rank=self.max_lora_rank if check_rank else 1 << 30)
-            self._runner.add_adapter(name, files)
-            return files.info
-        return await self._command(work)
+            return key, prepare(name, files, runner.pool, runner.slots.model_modules)
+        key, prepared = await self._off_thread(read)
+        info = prepared.files.info
+
+        def install() -> None:
+            runner.slots.install(name, prepared, identity=info.sha256)
+            self._host_keys[name] = key
+        await self._command(install)
+        return info
 
     async def create_blend(self, name: str, spec: BlendSpec, folder: Path | None) -> AdapterInfo:
-        def work() -> AdapterInfo:
-            self._runner.add_blend(name, spec, folder)
+        runner = self._runner
+
+        def build() -> tuple[Prepared, str]:
+            from peft import get_peft_model_state_dict
+
+            peft = runner.slots.build_blend(name, spec)
             if folder is not None:
-                return describe_adapter(folder)
-            cfg = self._runner.peft.peft_config[name]
-            return AdapterInfo(Path(), int(cfg.r), float(cfg.lora_alpha), tuple(sorted(cfg.target_modules)), "", 0)
-        return await self._command(work)
+                write_folder(peft, name, folder)
+                info = describe_adapter(folder)
+                identity = info.sha256
+            else:
+                cfg = peft.peft_config[name]
+                sources = [(n, w, runner.slots.identity_of.get(n, "")) for n, w in spec.adapters]
+                identity = hashlib.sha256(repr((spec.combination_type, spec.density, sources)).encode()).hexdigest()
+                info = AdapterInfo(Path(), int(cfg.r), float(cfg.lora_alpha), tuple(sorted(cfg.target_modules)),
+                                   "", 0)
+            tensors = {k: v.detach().to("cpu") for k, v in get_peft_model_state_dict(peft, adapter_name=name).items()}
+            files = AdapterFiles(info, peft.peft_config[name], tensors)
+            return prepare(name, files, runner.pool, runner.slots.model_modules), identity
+        prepared, identity = await self._off_thread(build)
+        await self._command(lambda: runner.slots.install(name, prepared, identity=identity))
+        return prepared.files.info
 
     async def unload_adapter(self, name: str) -> None:
-        await self._command(lambda: self._runner.remove_adapter(name))
+        def work() -> None:
+            removed = self._runner.slots.remove(name)
+            if removed is None:
+                return
+            identity, prepared = removed
+            if identity not in self._runner.slots.identity_of.values():  # the same weights may be loaded twice
+                self._blocks.drop_identity(identity)
+            with self._host_lock:
+                self._runner.slots.to_host(self._host_keys.pop(name, None), prepared)
+        await self._command(work)
 
     async def _command(self, fn: Callable[[], object]):
         if not self.ready:
@@ -234,60 +298,105 @@ class TorchEngine:
                 fut.set_exception(e)
 
     # -- the engine thread -----------------------------------------------------------
+    def _pool_blocks(self, loaded: LoadedModel) -> int:
+        """KV blocks from engine.max_kv_tokens, else engine.kv_cache_memory, else the device's default."""
+        bs = self.cfg.block_size
+        if self.cfg.max_kv_tokens:
+            return -(-self.cfg.max_kv_tokens // bs)
+        layers, kv, head_dim = model_geometry(loaded.model.config)
+        per_block = bs * KVPool.bytes_per_slot(layers, kv, head_dim, loaded.dtype)
+        memory = self.cfg.kv_cache_memory
+        if not memory:
+            if loaded.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(loaded.device)
+                memory = int(0.6 * free)
+            else:
+                memory = CPU_KV_BYTES
+            # Auto never sizes past what the batch could ever hold: every sequence at full context.
+            ctx = self.model_cfg.context_length or getattr(loaded.model.config, "max_position_embeddings", 0) or 2048
+            memory = min(memory, -(-self.cfg.max_batch_size * ctx // bs) * per_block)
+        return max(1, memory // per_block)
+
     def _main(self) -> None:
         try:
             if self.cfg.threads:
                 torch.set_num_threads(self.cfg.threads)
             loaded = self._loader(self.model_cfg, self.cache_dir)
-            self._runner = ModelRunner(loaded, lora_backend=self.cfg.lora_backend)
-            log.info("batched-forward self-check passed (max logit difference %.2g)", self._runner.self_check())
+            blocks = self._pool_blocks(loaded)
+            self._runner = ModelRunner(loaded, slots=self.num_slots, num_blocks=blocks,
+                                       block_size=self.cfg.block_size, lora_backend=self.cfg.lora_backend,
+                                       attention=self.cfg.attention_backend, host_adapters=self.host_adapters)
+            log.info("packed-forward self-check passed (max logit difference %.2g)", self._runner.self_check())
+            self._blocks = BlockManager(blocks, self.cfg.block_size, prefix_caching=self.cfg.prefix_caching)
+            self._sched = Scheduler(self._blocks, self._budget)
             self._prompt_tok = HFPromptTokenizer(loaded.tokenizer)
             self._decoder = self._prompt_tok.clone()
             self._context, self._eos, self.model_id = loaded.context_length, loaded.eos_token_ids, loaded.model_id
+            self._report(0)
         except BaseException as e:
             log.exception("model load failed")
             self._load_error = e
             self._loaded.set()
             return
         self._loaded.set()
-        log.info("engine ready: %s, budgets %s", self.model_id, self._budget)
+        log.info("engine ready: %s, %d KV blocks of %d tokens (%.0f MiB), %d LoRA slots, budget %s", self.model_id,
+                 blocks, self.cfg.block_size, self._runner.kv.nbytes / 2**20, self.num_slots, self._budget)
         while not self._stopping:
             self._heartbeat = time.monotonic()
             self._run_commands()
-            joining = self._admit()
-            if joining:
-                self._prefill(joining)
-            if self._rows:
-                self._decode()
-            elif not joining:
+            self._intake()
+            self._reap()
+            if not (self._sched.has_work() and self._step()):
                 self._wakeup.wait(0.5)
                 self._wakeup.clear()
-        self._fail([r.pending for r in self._rows], NotReady("the server is shutting down", code="shutting_down"))
-        self._fail_waiting(NotReady("the server is shutting down", code="shutting_down"))
+        err = NotReady("the server is shutting down", code="shutting_down")
+        self._fail(list(self._live.values()), err)
+        self._fail_waiting(err)
+        self._loader_pool.shutdown(wait=False, cancel_futures=True)
 
-    def _admit(self) -> list[_Pending]:
-        """Pop the requests the scheduler lets join now (aborted ones are dropped on the way)."""
+    def _intake(self) -> None:
+        """Move submitted requests into the scheduler (an unknown adapter fails here)."""
+        with self._lock:
+            new = list(self._waiting)
+            self._waiting.clear()
+        slots = self._runner.slots
+        for p in new:
+            req = p.request
+            if req.request_id in self._aborted:
+                with self._lock:
+                    self._finish(req.request_id)
+                continue
+            if req.adapter is not None and req.adapter not in slots.slot_of:
+                self._fail_pending([p], NotFound(f"adapter {req.adapter!r} is not loaded", code="model_not_found"))
+                continue
+            seq = Sequence(req, self._decoder, self._eos)
+            sampler = RowState(req.params, req.prompt_ids, seq.output_ids, frozenset(seq.stop_ids),
+                               make_generator(req.params.seed, self._runner.device))
+            kv = KVSeq(req.request_id, list(req.prompt_ids),
+                       identity=slots.identity_of[req.adapter] if req.adapter is not None else "")
+            slot = slots.slot_of[req.adapter] if req.adapter is not None else -1
+            self._live[req.request_id] = _Live(p, seq, sampler, kv, slot)
+            self._sched.add(kv)
+
+    def _reap(self) -> None:
+        """End aborted requests and those past their deadline; their blocks are freed at once."""
         now = time.monotonic()
         with self._lock:
-            late = [p for p in self._waiting if p.request.deadline is not None and now > p.request.deadline]
-            for p in late:
-                self._waiting.remove(p)
+            gone = [lv for lv in self._live.values() if lv.request_id in self._aborted]
+        for lv in gone:
+            self._drop(lv)
+            with self._lock:
+                self._finish(lv.request_id)
+        late = [lv for lv in self._live.values()
+                if lv.pending.request.deadline is not None and now > lv.pending.request.deadline]
         if late:
             self._fail(late, _timeout())
-        with self._lock:
-            while self._waiting and self._waiting[0].request.request_id in self._aborted:
-                self._finish(self._waiting.popleft().request.request_id)
-            queue = [p for p in self._waiting if p.request.request_id not in self._aborted]
-            n = admit([Waiting(len(p.request.prompt_ids), p.request.params.max_tokens) for p in queue],
-                      len(self._rows), sum(r.reserve for r in self._rows), self._budget)
-            joining = queue[:n]
-            for p in joining:
-                self._waiting.remove(p)
-            for p in queue[n:]:
-                if not p.waited:
-                    p.waited = True
-                    self._admission_waits += 1
-            return joining
+        if gone or late:
+            self._report(0)
+
+    def _drop(self, lv: _Live) -> None:
+        self._live.pop(lv.request_id, None)
+        self._sched.remove(lv.kv)
 
     def _finish(self, request_id: str) -> None:
         """Forget a request; call with _lock held."""
@@ -300,126 +409,98 @@ class TorchEngine:
         except RuntimeError:  # the event loop is closed: nobody is listening
             pass
 
-    def _fail(self, items: list[_Pending], err: Exception) -> None:
+    def _fail_pending(self, items: list[_Pending], err: Exception) -> None:
         with self._lock:
             for p in items:
                 self._finish(p.request.request_id)
         for p in items:
             self._emit(p, GenerationEvent(p.request.request_id, error=err))
 
+    def _fail(self, lives: list[_Live], err: Exception) -> None:
+        for lv in lives:
+            self._drop(lv)
+        self._fail_pending([lv.pending for lv in lives], err)
+
     def _fail_waiting(self, err: Exception) -> None:
         with self._lock:
             items = list(self._waiting)
             self._waiting.clear()
-        self._fail(items, err)
+        self._fail_pending(items, err)
 
-    def _prefill(self, joining: list[_Pending]) -> None:
-        """Prefill the joining requests together, sample their first tokens, add them to the batch."""
-        runner = self._runner
-        unknown = [p for p in joining if p.request.adapter is not None and p.request.adapter not in runner.adapters]
-        for p in unknown:
-            self._fail([p], NotFound(f"adapter {p.request.adapter!r} is not loaded", code="model_not_found"))
-        joining = [p for p in joining if p not in unknown]
-        if not joining:
-            return
-        rows = []
-        for p in joining:
-            seq = Sequence(p.request, self._decoder, self._eos)
-            rows.append(_Row(p, seq, RowState(p.request.params, p.request.prompt_ids, seq.output_ids,
-                                              frozenset(seq.stop_ids),
-                                              make_generator(p.request.params.seed, runner.device))))
+    def _step(self) -> bool:
+        """Schedule and run one step; False when nothing could run."""
+        sched = self._sched
+        step = sched.schedule()
+        self._preemptions += len(step.preempted)
+        now = time.monotonic()
+        for kv in sched.waiting:
+            lv = self._live[kv.seq_id]
+            if not lv.pending.waited and not lv.started:
+                lv.pending.waited = True
+                self._admission_waits += 1
+        if not step.items:
+            return False
         t0 = time.perf_counter()
-        now = time.monotonic()
+        lives = [self._live[kv.seq_id] for kv, _ in step.items]
+        items = [StepItem(kv.tokens[kv.num_computed:kv.num_computed + n], kv.num_computed, kv.block_table, lv.slot,
+                          kv.num_computed + n == len(kv)) for (kv, n), lv in zip(step.items, lives)]
         try:
-            state, logits = runner.prefill([p.request.prompt_ids for p in joining],
-                                           [p.request.adapter for p in joining])
-            keep = self._sample_and_emit(rows, logits, {p.request.request_id: now - p.submitted for p in joining})
-            if keep:
-                if len(keep) < len(rows):
-                    runner.keep(state, keep)
-                self._state = runner.merge(self._state, state)
-                self._rows += [rows[i] for i in keep]
-                self._group_rows()
+            logits = self._runner.run(items)
+            sched.done(step)
+            self._sample_and_emit([lv for lv, it in zip(lives, items) if it.sample], logits, now)
         except Exception as e:
-            log.exception("prefill failed; failing %d requests", len(joining))
-            self._fail(joining, LoraplexError(f"engine error: {type(e).__name__}: {e}", code="engine_error"))
-        self._report_step(len(rows), t0)
+            log.exception("engine step failed; failing its %d requests", len(lives))
+            self._fail(lives, LoraplexError(f"engine error: {type(e).__name__}: {e}", code="engine_error"))
+        self._report(step.num_tokens, t0)
+        return True
 
-    def _group_rows(self) -> None:
-        """Put the rows of one adapter side by side (stable: first come stays first within an
-        adapter). With contiguous, equal groups the "gathered" LoRA backend reads each group as a
-        view instead of gathering and scattering rows at every layer; the price is one reorder of
-        the KV cache per join, which the merge has just copied anyway."""
-        order = sorted(range(len(self._rows)), key=lambda i: self._rows[i].pending.request.adapter or "")
-        if order != list(range(len(self._rows))):
-            self._runner.keep(self._state, order)
-            self._rows = [self._rows[i] for i in order]
-
-    def _decode(self) -> None:
-        """One token for every running row."""
-        runner = self._runner
-        now = time.monotonic()
+    def _sample_and_emit(self, lives: list[_Live], logits, now: float) -> None:
+        """One token per sequence that reached its last token; send its event; end finished ones."""
+        if not lives:
+            return
+        picks = sample(logits, [lv.sampler for lv in lives], self._decoder.token_text)
         with self._lock:
-            gone = [i for i, r in enumerate(self._rows) if r.request_id in self._aborted]
-            for i in gone:
-                self._finish(self._rows[i].request_id)
-        late = [i for i, r in enumerate(self._rows)
-                if i not in gone and r.pending.request.deadline is not None and now > r.pending.request.deadline]
-        if late:
-            self._fail([self._rows[i].pending for i in late], _timeout())
-        if gone or late:
-            self._drop(set(gone) | set(late))
-            if not self._rows:
-                self._report_step(0, time.perf_counter())  # the counters see the batch empty now
-                return
-        t0, stepped = time.perf_counter(), len(self._rows)
-        try:
-            logits = runner.decode(self._state, [r.seq.output_ids[-1] for r in self._rows])
-            keep = self._sample_and_emit(self._rows, logits, {})
-            if len(keep) < len(self._rows):
-                self._drop(set(range(len(self._rows))) - set(keep))
-        except Exception as e:
-            log.exception("decode step failed; failing %d requests", len(self._rows))
-            self._fail([r.pending for r in self._rows],
-                       LoraplexError(f"engine error: {type(e).__name__}: {e}", code="engine_error"))
-            self._rows, self._state = [], None
-        self._report_step(stepped, t0)
+            aborted = {lv.request_id for lv in lives if lv.request_id in self._aborted}
+        for lv, (tok, lp) in zip(lives, picks):
+            if lv.request_id in aborted:
+                continue  # _reap ends it before the next step
+            lv.kv.tokens.append(tok)
+            ev = lv.seq.append(tok, lp)
+            if not lv.started:
+                lv.started = True
+                ev.queue_time = now - lv.pending.submitted
+            self._emit(lv.pending, ev)
+            if lv.seq.finished:
+                self._drop(lv)
+                with self._lock:
+                    self._finish(lv.request_id)
 
-    def _drop(self, rows: set[int]) -> None:
-        keep = [i for i in range(len(self._rows)) if i not in rows]
-        self._rows = [self._rows[i] for i in keep]
-        if keep:
-            self._runner.keep(self._state, keep)
-        else:
-            self._state = None
-
-    def _sample_and_emit(self, rows: list[_Row], logits, queued: dict[str, float]) -> list[int]:
-        """Sample one token per row, send its event; return the indices of rows still running."""
-        picks = sample(logits, [r.sampler for r in rows], self._decoder.token_text)
-        keep: list[int] = []
-        with self._lock:
-            aborted = {r.request_id for r in rows if r.request_id in self._aborted}
-        for i, (r, (tok, lp)) in enumerate(zip(rows, picks)):
-            if r.request_id in aborted:
-                continue
-            ev = r.seq.append(tok, lp)
-            ev.queue_time = queued.get(r.request_id)
-            self._emit(r.pending, ev)
-            if not r.seq.finished:
-                keep.append(i)
-        with self._lock:
-            for i, r in enumerate(rows):
-                if i not in keep:
-                    self._finish(r.request_id)
-        return keep
-
-    def _report_step(self, rows: int, t0: float) -> None:
-        self._running = len(self._rows)
-        width = 0 if self._state is None else int(self._state.attention_mask.shape[1])
-        self._kv_tokens = len(self._rows) * width  # padded rows x cached positions
-        if self.on_step is not None and rows:
-            self.on_step(rows, time.perf_counter() - t0)
+    def _report(self, tokens: int, t0: float | None = None) -> None:
+        b, sched = self._blocks, self._sched
+        running = len(sched.running) if sched else 0
+        self._stats = EngineStats(
+            running=running, waiting=len(sched.waiting) if sched else 0,
+            kv_cache_tokens=b.used_blocks * b.block_size if b else 0, admission_waits=self._admission_waits,
+            kv_cache_capacity_tokens=b.num_blocks * b.block_size if b else 0,
+            prefix_cache_queries=b.queries if b else 0, prefix_cache_hits=b.hits if b else 0,
+            preemptions=self._preemptions)
+        if self.on_step is not None and tokens and t0 is not None:
+            self.on_step(running, time.perf_counter() - t0)
 
 
 def _timeout() -> RequestTimeout:
     return RequestTimeout("the request ran past server.request_timeout_s and was ended", code="request_timeout")
+
+
+def _file_key(folder: Path) -> tuple | None:
+    """The host tier's key for an adapter folder: its files' paths, sizes and modification times."""
+    from ..lora.weights import CONFIG_FILE, WEIGHTS_FILE
+
+    try:
+        parts = []
+        for f in (CONFIG_FILE, WEIGHTS_FILE):
+            st = (Path(folder) / f).stat()
+            parts.append((str((Path(folder) / f).resolve()), st.st_size, st.st_mtime_ns))
+        return tuple(parts)
+    except OSError:
+        return None

@@ -1,57 +1,125 @@
-"""Who joins the running batch at the next step: the admission policy, in plain Python.
+"""Who computes how many tokens in the next step: one token budget, decodes first, then prompt chunks.
 
-Owns: the decision, at each step boundary, of how many waiting requests (from
-the head of the queue: first come, first served, whatever their adapter, so
-none starves) are prefilled and join the running batch, within three budgets:
-- `max_running`: sequences decoded together;
-- `max_prefill_tokens`: prompt tokens prefilled in one step (a long prompt
-  stalls every running stream for its prefill, so a step takes few);
-- `max_kv_tokens`: KV-cache tokens reserved (prompt + max_tokens per sequence),
-  so memory stays bounded; a request that does not fit waits.
-The head of the queue is always admitted into an empty batch, whatever its size,
-so that no request waits forever.
+Owns: the policy, in plain Python (vLLM v1's shape). Each step:
+1. every running sequence, oldest first, gets what it still has to compute: one token for a
+   decode, the next chunk (at most `max_prefill_chunk`) for a prompt being prefilled, within
+   `max_num_batched_tokens` for the whole step. When the KV pool cannot hold a running
+   sequence's next tokens, the newest running sequence is preempted: its blocks are freed and it
+   goes back to the front of the waiting queue, to be recomputed later (its tokens so far are
+   kept, so the client never sees an error or a different token);
+2. if nothing was preempted, waiting sequences join first come first served, whatever their
+   adapter (so none starves), while the budget, `max_num_seqs` and free blocks allow: each gets
+   the longest prefix the cache holds for its adapter and a first chunk of the rest.
+A prompt longer than the budget is therefore split over steps, and running streams keep getting
+a token every step (the budget is at least `max_num_seqs`).
 
-It knows nothing of tensors: callers pass token counts.
+It knows token counts and block counts (through `BlockManager`), never tensors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+
+from .blocks import BlockManager, KVSeq
 
 
 @dataclass(frozen=True)
 class Budget:
-    max_running: int
-    max_prefill_tokens: int
-    max_kv_tokens: int
+    max_num_seqs: int               # sequences running at once
+    max_num_batched_tokens: int     # tokens computed in one step (decodes + prompt chunks)
+    max_prefill_chunk: int          # most prompt tokens one sequence computes in one step
+
+    def __post_init__(self):
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs, or running sequences would "
+                             "miss steps")
 
 
-@dataclass(frozen=True)
-class Waiting:
-    prompt_tokens: int
-    max_tokens: int
+@dataclass
+class Step:
+    """One step's plan: (sequence, tokens to compute) in the order they were scheduled."""
+
+    items: list[tuple[KVSeq, int]] = field(default_factory=list)
+    admitted: list[KVSeq] = field(default_factory=list)    # joined the running set this step
+    preempted: list[KVSeq] = field(default_factory=list)   # sent back to waiting this step
 
     @property
-    def reserve(self) -> int:
-        return self.prompt_tokens + self.max_tokens
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
 
 
-def admit(waiting: list[Waiting], running: int, reserved: int, budget: Budget) -> int:
-    """How many requests from the head of `waiting` join now.
+class Scheduler:
+    def __init__(self, blocks: BlockManager, budget: Budget):
+        self.blocks, self.budget = blocks, budget
+        self.waiting: deque[KVSeq] = deque()
+        self.running: list[KVSeq] = []     # admission order: the last is the newest
 
-    running: sequences in the batch; reserved: KV tokens they reserve.
-    """
-    n = prefill = 0
-    for w in waiting:
-        empty = running == 0 and n == 0
-        if not empty:
-            if running + n >= budget.max_running:
+    def add(self, seq: KVSeq) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: KVSeq) -> None:
+        """A sequence ends (finished, aborted, failed): forget it and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def _preempt(self, seq: KVSeq, step: Step) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        self.waiting.appendleft(seq)
+        step.preempted.append(seq)
+
+    def schedule(self) -> Step:
+        step = Step()
+        budget = self.budget.max_num_batched_tokens
+        chunk = self.budget.max_prefill_chunk
+        scheduled: set[int] = set()
+        # Decodes first, so a long prompt being prefilled never takes a running stream's token.
+        order = sorted(self.running, key=lambda s: len(s) - s.num_computed > 1)
+        for seq in order:
+            if budget <= 0:
                 break
-            if prefill + w.prompt_tokens > budget.max_prefill_tokens:
+            if seq not in self.running:  # preempted earlier in this step
+                continue
+            left = len(seq) - seq.num_computed
+            n = min(left, budget) if left == 1 else min(left, chunk, budget)
+            if n <= 0:
+                continue
+            while not self.blocks.can_grow(seq, n):
+                victim = next((s for s in reversed(self.running) if id(s) not in scheduled), seq)
+                self._preempt(victim, step)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.grow(seq, n)
+                step.items.append((seq, n))
+                scheduled.add(id(seq))
+                budget -= n
+        if step.preempted:
+            return step
+        while self.waiting and budget > 0 and len(self.running) < self.budget.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.blocks.match(seq)
+            left = len(seq) - len(hits) * self.blocks.block_size
+            n = min(left, budget) if left == 1 else min(left, chunk, budget)
+            if not self.blocks.can_allocate(seq, n, hits):
                 break
-            if reserved + w.reserve > budget.max_kv_tokens:
-                break
-        n += 1
-        prefill += w.prompt_tokens
-        reserved += w.reserve
-    return n
+            self.waiting.popleft()
+            self.blocks.allocate(seq, hits)
+            self.blocks.grow(seq, n)
+            self.running.append(seq)
+            step.items.append((seq, n))
+            step.admitted.append(seq)
+            budget -= n
+        return step
+
+    def done(self, step: Step) -> None:
+        """The step's forward ran: its tokens are in the cache."""
+        for seq, n in step.items:
+            self.blocks.computed(seq, n)

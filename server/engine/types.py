@@ -71,10 +71,14 @@ class GenerationEvent:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot for the metrics: requests in the batch and waiting, tokens held in the KV cache."""
+    """A snapshot for the metrics: requests running and waiting, the KV pool, the prefix cache."""
 
     running: int = 0
     waiting: int = 0
-    kv_cache_tokens: int = 0
+    kv_cache_tokens: int = 0        # token positions of KV blocks in use (whole blocks)
     gpu_memory_bytes: int | None = None
-    admission_waits: int = 0        # requests that arrived while a batch ran and had to wait for it
+    admission_waits: int = 0        # requests that could not start at the first step after arriving
+    kv_cache_capacity_tokens: int = 0
+    prefix_cache_queries: int = 0   # prompt tokens looked up in the prefix cache (grows)
+    prefix_cache_hits: int = 0      # of those, tokens found cached (grows)
+    preemptions: int = 0            # sequences sent back to waiting when the KV pool ran out (grows)

@@ -179,7 +179,7 @@ def test_requests_join_a_running_batch(engine):
             return ids
         p, a, n = combos[0]
         first = asyncio.create_task(consume(0, engine.submit(req(engine, "long", p, a, ignore_eos=True, max_tokens=n))))
-        while not engine._rows:       # wait until the long request is decoding
+        while not engine.stats().running:  # wait until the long request is running
             await asyncio.sleep(0.001)
         await asyncio.sleep(0.02)
         late = [asyncio.create_task(consume(i, engine.submit(req(engine, f"late-{i}", p, a, ignore_eos=True,

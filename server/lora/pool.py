@@ -1,0 +1,242 @@
+"""LoRA weights in fixed slots, selected per token: the multi-adapter forward of the engine.
+
+Owns: the slot buffers and the layers that read them. At start-up every linear layer of the
+model's blocks is wrapped once in a `SlotLinear` (the module tree never changes afterwards);
+each targeted layer gets, on first use, stacked buffers in the compute dtype
+    A: (slots, r_cap, in)   B: (slots, r_cap, out)   (scale folded into B; ranks zero-padded)
+and a rank per slot (0: this slot's adapter does not target the layer). Loading an adapter is one
+copy into a free slot (everything of the slot is overwritten, so nothing of the adapter that had
+it before can leak); unloading marks it free. `r_cap` grows (a one-off copy) when a higher rank
+arrives.
+
+Per step the runner passes a `LoraBatch`: the step's tokens are ordered so that each slot's
+tokens are contiguous, and `segments` lists (slot, start, end) for the tokens with an adapter.
+
+Semantics (the reference, backend "loop"):
+    for each token t with slot s(t) that targets this layer:
+        y[t] += B[s]^T @ (A[s] @ x[t])          (B already holds scale[s] * lora_B)
+Backends (a registry):
+- "loop": the per-token loop above; slow, the oracle.
+- "segments": two matmuls per segment, at the slot's own rank (Punica's SGMV in plain torch).
+- "gathered": the segments padded into one block (n, m, in), two batched matmuls against the
+  slots' stacked weights (n, r, in) / (n, r, out); when the segments are equal and contiguous the
+  block is a plain view, else padding rows read zeros and their outputs are dropped, never added.
+"auto" takes "segments" for at most two segments, else "gathered". No backend ever multiplies a
+token by another adapter's weights: a NaN or inf in one adapter reaches only its own tokens.
+
+It knows shapes and slots; never requests, names or files (`server/lora/slots.py` maps those).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+LINEAR_TYPES = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
+
+
+def features(module: Any) -> tuple[int, int] | None:
+    """(in_features, out_features) of a linear-like module, or None."""
+    if type(module).__name__ == "Conv1D":  # GPT-2: weight stored (in, out)
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    if type(module).__name__ in LINEAR_TYPES and hasattr(module, "in_features"):
+        return int(module.in_features), int(module.out_features)
+    return None
+
+
+@dataclass
+class LoraBatch:
+    """One step's adapter layout: contiguous token ranges per slot."""
+
+    segments: list[tuple[int, int, int]]    # (slot, start, end), slots >= 0, starts increasing
+    tokens: int
+    device: torch.device
+    _cache: dict = field(default_factory=dict)
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """Index tensors shared by every layer with the same targeted segments: built once per step."""
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = build()
+        return hit
+
+
+class PoolLayer:
+    """The slot buffers of one wrapped linear layer."""
+
+    def __init__(self, path: str, fin: int, fout: int, slots: int):
+        self.path, self.fin, self.fout = path, fin, fout
+        self.rank = [0] * slots
+        self.A: torch.Tensor | None = None
+        self.B: torch.Tensor | None = None
+        self._sel: tuple | None = None  # (key, A_sel, B_sel) for "gathered", valid until a load
+
+    def targeted(self, segments: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        rank = self.rank
+        return [seg for seg in segments if rank[seg[0]]]
+
+
+class SlotLinear(nn.Module):
+    """A base linear layer plus the LoRA deltas of the step's slots."""
+
+    def __init__(self, base: nn.Module, layer: PoolLayer, pool: "LoraPool"):
+        super().__init__()
+        self.base = base
+        self.layer = layer
+        self._pool = [pool]  # a list: not a submodule, not in state_dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        batch = self._pool[0].batch
+        if batch is None or not batch.segments or self.layer.A is None:
+            return out
+        segs = self.layer.targeted(batch.segments)
+        if segs:
+            pool = self._pool[0]
+            x2 = x.reshape(-1, x.shape[-1])
+            out2 = out.view(-1, out.shape[-1])
+            pool.compute(pool.choose(segs), self.layer, x2, out2, segs, batch)
+        return out
+
+
+class LoraPool:
+    def __init__(self, slots: int, dtype: torch.dtype, device: torch.device, backend: str = "auto"):
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"unknown LoRA backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+        self.slots, self.dtype, self.device, self.backend = slots, dtype, device, backend
+        self.r_cap = 0
+        self.layers: dict[str, PoolLayer] = {}
+        self.batch: LoraBatch | None = None   # set by the runner for the length of one forward
+
+    # -- wrapping, once at start-up ------------------------------------------------------------
+    def wrap(self, model: nn.Module, exclude: set[int]) -> None:
+        """Wrap every linear-like module of `model` (except those whose id is in `exclude`)."""
+        targets = [(n, m) for n, m in model.named_modules() if features(m) is not None and id(m) not in exclude]
+        for name, module in targets:
+            fin, fout = features(module)
+            layer = PoolLayer(name, fin, fout, self.slots)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, SlotLinear(module, layer, self))
+            self.layers[name] = layer
+
+    # -- slots --------------------------------------------------------------------------------
+    def _grow_rank(self, r: int) -> None:
+        new = 1
+        while new < r:
+            new *= 2
+        for layer in self.layers.values():
+            if layer.A is not None:
+                A = layer.A.new_zeros((self.slots, new, layer.fin))
+                B = layer.B.new_zeros((self.slots, new, layer.fout))
+                A[:, :self.r_cap] = layer.A
+                B[:, :self.r_cap] = layer.B
+                layer.A, layer.B, layer._sel = A, B, None
+        self.r_cap = new
+
+    def write(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put an adapter into `slot`: weights maps layer path -> (A (r, in), B_scaled (r, out)).
+        Every layer's part of the slot is overwritten (zeros where the adapter has nothing)."""
+        r_max = max((a.shape[0] for a, _ in weights.values()), default=0)
+        if r_max > self.r_cap:
+            self._grow_rank(r_max)
+        for path, layer in self.layers.items():
+            w = weights.get(path)
+            if w is None:
+                if layer.A is not None and layer.rank[slot]:
+                    layer.A[slot].zero_()
+                    layer.B[slot].zero_()
+                layer.rank[slot] = 0
+                continue
+            a, b = w
+            if layer.A is None:
+                layer.A = torch.zeros((self.slots, self.r_cap, layer.fin), dtype=self.dtype, device=self.device)
+                layer.B = torch.zeros((self.slots, self.r_cap, layer.fout), dtype=self.dtype, device=self.device)
+            r = a.shape[0]
+            layer.A[slot].zero_()
+            layer.B[slot].zero_()
+            layer.A[slot, :r] = a.to(device=self.device, dtype=self.dtype)
+            layer.B[slot, :r] = b.to(device=self.device, dtype=self.dtype)
+            layer.rank[slot] = r
+            layer._sel = None
+        for layer in self.layers.values():
+            layer._sel = None
+
+    def clear(self, slot: int) -> None:
+        self.write(slot, {})
+
+    # -- compute ------------------------------------------------------------------------------
+    def choose(self, segs: list[tuple[int, int, int]]) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "segments" if len(segs) <= 2 else "gathered"
+
+    def compute(self, name: str, layer: PoolLayer, x2: torch.Tensor, out2: torch.Tensor,
+                segs: list[tuple[int, int, int]], batch: LoraBatch) -> None:
+        if x2.dtype != self.dtype:
+            x2 = x2.to(self.dtype)
+        if out2.dtype != self.dtype:  # accumulate in the pool's dtype, add back once
+            delta = torch.zeros(out2.shape, dtype=self.dtype, device=out2.device)
+            BACKENDS[name](layer, x2, delta, segs, batch)
+            out2.add_(delta.to(out2.dtype))
+        else:
+            BACKENDS[name](layer, x2, out2, segs, batch)
+
+
+def _loop(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
+    for slot, s, e in segs:
+        r = layer.rank[slot]
+        A, B = layer.A[slot, :r], layer.B[slot, :r]
+        for t in range(s, e):
+            out2[t] += B.T @ (A @ x2[t])
+
+
+def _segments(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
+    for slot, s, e in segs:
+        r = layer.rank[slot]
+        out2[s:e].addmm_(torch.mm(x2[s:e], layer.A[slot, :r].T), layer.B[slot, :r])
+
+
+def _gathered(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
+    key = tuple(segs)
+    slots = tuple(seg[0] for seg in segs)
+    r = max(layer.rank[s] for s in slots)
+    sel = layer._sel
+    if sel is None or sel[0] != (slots, r):
+        idx = torch.tensor(slots, dtype=torch.long, device=layer.A.device)
+        a_sel = layer.A.index_select(0, idx)[:, :r].transpose(1, 2)   # (n, in, r)
+        b_sel = layer.B.index_select(0, idx)[:, :r].contiguous()      # (n, r, out)
+        sel = layer._sel = ((slots, r), a_sel, b_sel)
+    _, a_sel, b_sel = sel
+    n = len(segs)
+    lengths = [e - s for _, s, e in segs]
+    m = max(lengths)
+    start = segs[0][1]
+    contiguous = all(segs[i][2] == segs[i + 1][1] for i in range(n - 1))
+    if contiguous and min(lengths) == m:
+        xb = x2[start:start + n * m].view(n, m, -1)
+        ob = out2[start:start + n * m].view(n, m, -1)
+        ob.baddbmm_(torch.bmm(xb, a_sel), b_sel)
+        return
+
+    def build():
+        gather, src, dst = [], [], []
+        pad = batch.tokens                      # index of the zero row appended below
+        for i, (_, s, e) in enumerate(segs):
+            rows = list(range(s, e))
+            gather += rows + [pad] * (m - len(rows))
+            src += range(i * m, i * m + len(rows))
+            dst += rows
+        dev = x2.device
+        return (torch.tensor(gather, device=dev), torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
+    gather, src, dst = batch.memo(("g", key), build)
+    xz = torch.cat([x2, x2.new_zeros((1, x2.shape[1]))])
+    xb = xz.index_select(0, gather).view(n, m, -1)
+    delta = torch.bmm(torch.bmm(xb, a_sel), b_sel).view(n * m, -1)
+    out2.index_add_(0, dst, delta.index_select(0, src))  # padding rows' outputs are never added
+
+
+BACKENDS: dict[str, Callable[..., None]] = {"loop": _loop, "segments": _segments, "gathered": _gathered}

@@ -1,0 +1,209 @@
+"""Adapters by name in the slot pool: what may be loaded, how its weights map to layers, blends.
+
+Owns: turning a validated PEFT folder (`weights.read_adapter`) into per-layer slot weights
+(A (r, in), scale * B^T (r, out), with PEFT's own scaling: lora_alpha / r, / sqrt(r) with rsLoRA,
+rank_pattern and alpha_pattern per module), refusing what the slot path does not compute exactly
+(a 422 naming the feature), name -> slot and identity, a host tier of recently evicted adapters
+(their prepared tensors kept in RAM, so a reload skips the disk), and blends: PEFT's
+`add_weighted_adapter` run on a workbench, a throw-away module tree whose leaves are the base
+model's own linear layers, so that the serving model's tree is never touched.
+
+It knows PEFT's file layout and config; it does not know requests or the engine's threads:
+`prepare` and `build_blend` are pure (any thread), `install` and `remove` change the pool
+(the engine thread, between steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InvalidAdapter, Overloaded
+from .pool import LoraPool
+
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+# Config fields that change what PEFT computes and that the slot path does not compute: refused.
+_REFUSED = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "a LoRA bias (lora_bias)",
+    "modules_to_save": "modules_to_save (fully trained copies of base modules)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "layer_replication": "layer_replication",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QALoRA (use_qalora)",
+    "megatron_config": "Megatron parallel layers (megatron_config)",
+}
+
+
+@dataclass
+class Prepared:
+    """An adapter ready to copy into a slot: layer path -> (A (r, in), scale * B^T (r, out))."""
+
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    files: Any                      # the AdapterFiles (config + tensors) it came from, for blends
+
+
+def _refuse(name: str, what: str) -> InvalidAdapter:
+    return InvalidAdapter(f"adapter {name!r} uses {what}, which loraplex does not serve exactly; refused",
+                          code="unsupported_adapter")
+
+
+def check_config(name: str, config: Any) -> None:
+    for field_name, what in _REFUSED.items():
+        if getattr(config, field_name, None):
+            raise _refuse(name, what)
+    if getattr(config, "bias", "none") != "none":
+        raise _refuse(name, f"bias={config.bias!r} (trained base biases)")
+
+
+def prepare(name: str, files: Any, pool: LoraPool, model_modules: set[str]) -> Prepared:
+    """Map an adapter's tensors onto the pool's layers, with PEFT's per-module scaling."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    config = files.config
+    check_config(name, config)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in files.tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise InvalidAdapter(f"adapter {name!r}: tensor {key} is not a LoRA A/B weight of a linear layer "
+                                 "(embedding LoRA, DoRA magnitudes and trained modules are not served)",
+                                 code="unsupported_adapter")
+        path = m.group("module")
+        if path not in pool.layers:
+            if path in model_modules:
+                raise InvalidAdapter(f"adapter {name!r}: LoRA on {path}, which is not a linear layer of the "
+                                     "model's blocks (LoRA on the output head or embeddings is not served)",
+                                     code="unsupported_adapter")
+            raise InvalidAdapter(f"adapter {name!r}: tensor {key} targets {path}, which this base model lacks",
+                                 code="wrong_base")
+        parts.setdefault(path, {})[m.group("part")] = t
+    if not parts:
+        raise InvalidAdapter(f"adapter {name!r}: none of its {len(files.tensors)} tensors matches a layer of this "
+                             "base model", code="wrong_base")
+    missing = [p for p in pool.layers if p not in parts and check_target_module_exists(config, p)]
+    if missing:  # PEFT would give such a layer its own initial weights: not what was trained
+        raise InvalidAdapter(f"adapter {name!r}: {len(missing)} targeted layers have no weights in the file "
+                             f"(first: {missing[0]})", code="invalid_weights")
+    weights = {}
+    for path, ab in parts.items():
+        layer = pool.layers[path]
+        if set(ab) != {"A", "B"}:
+            raise InvalidAdapter(f"adapter {name!r}: {path} has lora_{'A' if 'A' not in ab else 'B'} missing",
+                                 code="invalid_weights")
+        r = int(config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), path), config.r)) \
+            if config.rank_pattern else int(config.r)
+        alpha = float(config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), path), config.lora_alpha)) \
+            if config.alpha_pattern else float(config.lora_alpha)
+        a, b = ab["A"], ab["B"]
+        for part, t, want in (("A", a, (r, layer.fin)), ("B", b, (layer.fout, r))):
+            if tuple(t.shape) != want:
+                raise InvalidAdapter(
+                    f"adapter {name!r}: {path}.lora_{part} has shape {tuple(t.shape)}, but {path} needs {want} "
+                    f"(in {layer.fin}, out {layer.fout}, rank {r}); the adapter was made for another base model",
+                    code="wrong_base")
+        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        weights[path] = (a.float().contiguous(), (b.float() * scale).T.contiguous())
+    return Prepared(weights, files)
+
+
+class AdapterSlots:
+    def __init__(self, pool: LoraPool, model: nn.Module, host_capacity: int = 0):
+        self.pool, self.model = pool, model
+        self.host_capacity = host_capacity
+        self.model_modules = {n for n, _ in model.named_modules()}
+        self.slot_of: dict[str, int] = {}
+        self.identity_of: dict[str, str] = {}
+        self.loaded: dict[str, Prepared] = {}
+        self._host: OrderedDict[Any, Prepared] = OrderedDict()
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.slot_of)
+
+    def free_slots(self) -> list[int]:
+        used = set(self.slot_of.values())
+        return [s for s in range(self.pool.slots) if s not in used]
+
+    # -- host tier ---------------------------------------------------------------------------
+    def from_host(self, key: Any) -> Prepared | None:
+        hit = self._host.pop(key, None)
+        return hit
+
+    def to_host(self, key: Any, prepared: Prepared) -> None:
+        if self.host_capacity <= 0 or key is None:
+            return
+        self._host[key] = prepared
+        while len(self._host) > self.host_capacity:
+            self._host.popitem(last=False)
+
+    # -- engine thread -----------------------------------------------------------------------
+    def install(self, name: str, prepared: Prepared, identity: str) -> int:
+        if name in self.slot_of:
+            raise InvalidAdapter(f"adapter {name!r} is already loaded", code="adapter_exists")
+        free = self.free_slots()
+        if not free:
+            raise Overloaded(f"all {self.pool.slots} LoRA slots are in use (adapters.max_loaded_adapters)",
+                             retry_after=1, code="adapter_capacity")
+        slot = free[0]
+        self.pool.write(slot, prepared.weights)
+        self.slot_of[name], self.identity_of[name], self.loaded[name] = slot, identity, prepared
+        return slot
+
+    def remove(self, name: str) -> tuple[str, Prepared] | None:
+        slot = self.slot_of.pop(name, None)
+        if slot is None:
+            return None
+        self.pool.clear(slot)
+        return self.identity_of.pop(name), self.loaded.pop(name)
+
+    # -- blends (any thread) -------------------------------------------------------------------
+    def workbench(self) -> nn.Module:
+        """A module tree with the model's paths whose leaves are the base's own linear layers
+        (the modules the slots wrap): PEFT can inject into it without touching the model."""
+        root = nn.Module()
+        root.name_or_path = getattr(self.model, "name_or_path", None)  # PEFT records it in the blend's config
+        for path in self.pool.layers:
+            base = self.model.get_submodule(path).base
+            node = root
+            *parents, leaf = path.split(".")
+            for p in parents:
+                child = node._modules.get(p)
+                if child is None:
+                    child = nn.Module()
+                    node.add_module(p, child)
+                node = child
+            node.add_module(leaf, base)
+        return root
+
+    def build_blend(self, name: str, spec: Any) -> Any:
+        """PEFT's blend of loaded adapters, on a workbench; returns the PEFT model holding it."""
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        from .blend import build
+
+        missing = [n for n, _ in spec.adapters if n not in self.loaded]
+        if missing:
+            raise InvalidAdapter(f"blend {name!r}: adapters not in memory: {missing}", code="adapter_not_loaded")
+        bench = self.workbench()
+        peft = None
+        for src, _ in spec.adapters:
+            files = self.loaded[src].files
+            cfg = copy.deepcopy(files.config)
+            if peft is None:
+                peft = get_peft_model(bench, cfg, adapter_name=src)
+            else:
+                peft.add_adapter(src, cfg)
+            set_peft_model_state_dict(peft, files.tensors, adapter_name=src)
+        build(peft, name, spec)
+        return peft
