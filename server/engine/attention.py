@@ -1,7 +1,8 @@
 """Attention over a paged KV cache, plugged into transformers' model classes.
 
-Owns: the KV pool (one key and one value tensor per layer, (num_blocks * block_size, kv_heads,
-head_dim), addressed by slot = block * block_size + offset), the per-step attention metadata
+Owns: the KV pool (one key and one value tensor per layer, (kv_heads, num_blocks * block_size,
+head_dim), addressed by slot = block * block_size + offset: heads outermost, so a gather of many
+sequences' slots is one contiguous (kv_heads * sequences, length, head_dim) batch for bmm), the per-step attention metadata
 built from block tables, and the attention function transformers' layers call (registered
 under the name "loraplex_paged" through `AttentionInterface`, as vLLM's transformers backend does).
 
@@ -13,8 +14,9 @@ sliding window, when the layer has one).
 Backends (a registry; both take the same arguments):
 - "reference": one SDPA per sequence over its gathered slots, with an explicit mask. Plain; the
   oracle in the tests.
-- "batched": every single-token query (decodes) in one SDPA over a padded gather of their slots
-  (padding masked out), each prompt chunk in its own SDPA. What the engine runs.
+- "batched": every single-token query (decodes) in one pass over a padded gather of their slots
+  (two batched matmuls and a softmax, padding masked out; the query heads of one KV head
+  share its keys without repeating them), each prompt chunk in its own SDPA. What the engine runs.
 
 Shapes: query (1, heads, T, d), key/value (1, kv_heads, T, d) as transformers passes them; the
 result (1, T, heads, d). It knows tensors and slots, nothing of requests, adapters or text.
@@ -34,7 +36,7 @@ NAME = "loraplex_paged"
 class KVPool:
     def __init__(self, layers: int, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
-        shape = (num_slots, kv_heads, head_dim)
+        shape = (kv_heads, num_slots, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
 
@@ -87,6 +89,17 @@ class AttnBatch:
                 self._decode = (None, None, None, None, rest)
         return self._decode
 
+    def flat(self, slots: torch.Tensor, kv_heads: int, num_slots: int) -> torch.Tensor:
+        """Rows of the pool viewed as (kv_heads * slots, d) for these slots, head by head: a gather
+        along the first dimension of a 2-D tensor is a row copy (5x faster here than along dim 1)."""
+        key = ("flat", id(slots), kv_heads, num_slots)
+        hit = self._masks.get(key)
+        if hit is None:
+            heads = torch.arange(kv_heads, device=slots.device).unsqueeze(1) * num_slots
+            hit = self._masks[key] = (slots.reshape(1, -1) + heads).reshape(-1)
+            self._masks[("keep", id(slots))] = slots   # the id stays valid while the batch lives
+        return hit
+
     def mask(self, key: Any, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Masks are the same for every layer with the same window: built once per step."""
         m = self._masks.get(key)
@@ -105,9 +118,11 @@ def _visible(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torc
 
 def _span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: SeqSpan, batch: AttnBatch,
                     scaling: float, window: int | None, ck: Any) -> torch.Tensor:
-    """One sequence: q (heads, length, d), k/v pool views (slots, kv_heads, d) -> (length, heads, d)."""
-    keys = k.index_select(0, s.slots).transpose(0, 1).unsqueeze(0)      # (1, kv_heads, L, d)
-    vals = v.index_select(0, s.slots).transpose(0, 1).unsqueeze(0)
+    """One sequence: q (heads, length, d), k/v pools (kv_heads, slots, d) -> (length, heads, d)."""
+    kvh, n, d = k.shape
+    idx = batch.flat(s.slots, kvh, n)
+    keys = k.view(kvh * n, d).index_select(0, idx).view(1, kvh, -1, d)  # (1, kv_heads, L, d)
+    vals = v.view(kvh * n, d).index_select(0, idx).view(1, kvh, -1, d)
     total = s.pos + s.length
     if s.pos == 0 and not (window and total > window):
         out = F.scaled_dot_product_attention(q.unsqueeze(0), keys, vals, is_causal=s.length > 1, scale=scaling,
@@ -136,13 +151,21 @@ def batched(q, k, v, batch: AttnBatch, scaling: float, window: int | None) -> to
     rows, slots, kpos, qpos, rest = batch.decode_gather()
     if rows is not None:
         n, width = slots.shape
-        flat = slots.reshape(-1)
-        keys = k.index_select(0, flat).view(n, width, k.shape[1], k.shape[2]).transpose(1, 2)  # (B, kvh, L, d)
-        vals = v.index_select(0, flat).view(n, width, v.shape[1], v.shape[2]).transpose(1, 2)
-        m = batch.mask(("dec", window), lambda: _visible(qpos.unsqueeze(1), kpos, window).unsqueeze(1))
-        qs = q.index_select(1, rows).transpose(0, 1).unsqueeze(2)                            # (B, heads, 1, d)
-        o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=m, scale=scaling, enable_gqa=True)
-        out[rows] = o[:, :, 0]
+        kvh, total, d = k.shape
+        rep = q.shape[0] // kvh
+        idx = batch.flat(slots, kvh, total)
+        keys = k.view(kvh * total, d).index_select(0, idx).view(kvh * n, width, d)     # (kvh * B, L, d)
+        vals = v.view(kvh * total, d).index_select(0, idx).view(kvh * n, width, d)
+        # The query heads that share a KV head become that head's query rows (no repeat of K/V):
+        # (heads, B, d) -> (kvh * B, rep, d), HF's head order (query head h reads KV head h // rep).
+        qs = q.index_select(1, rows).view(kvh, rep, n, d).transpose(1, 2).reshape(kvh * n, rep, d)
+        bias = batch.mask(("dec", window), lambda: torch.zeros(kpos.shape, dtype=q.dtype, device=q.device)
+                          .masked_fill_(~_visible(qpos.unsqueeze(1), kpos, window)[:, 0], float("-inf"))
+                          .view(1, n, 1, width).expand(kvh, n, 1, width).reshape(kvh * n, 1, width))
+        scores = torch.baddbmm(bias, qs, keys.transpose(1, 2), alpha=scaling)             # (kvh * B, rep, L)
+        o = torch.bmm(scores.softmax(-1), vals).view(kvh, n, rep, d)                      # (kvh, B, rep, d)
+        o = o.permute(1, 0, 2, 3).reshape(n, kvh * rep, d)
+        out[rows] = o
     for s in rest:
         out[s.start:s.start + s.length] = _span_attention(q[:, s.start:s.start + s.length], k, v, s, batch,
                                                           scaling, window, "bat")
@@ -171,9 +194,11 @@ def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     ctx = loraplex_step
     layer = module.layer_idx
     k, v = ctx.pool.k[layer], ctx.pool.v[layer]
-    # New keys and values into their slots: (1, kv_heads, T, d) -> (T, kv_heads, d).
-    k.index_copy_(0, ctx.batch.slot_mapping, key[0].transpose(0, 1).to(k.dtype))
-    v.index_copy_(0, ctx.batch.slot_mapping, value[0].transpose(0, 1).to(v.dtype))
+    # New keys and values into their slots: (1, kv_heads, T, d) into (kv_heads, slots, d).
+    kvh, n, d = k.shape
+    idx = ctx.batch.flat(ctx.batch.slot_mapping, kvh, n)
+    k.view(kvh * n, d).index_copy_(0, idx, key[0].reshape(-1, d).to(k.dtype))
+    v.view(kvh * n, d).index_copy_(0, idx, value[0].reshape(-1, d).to(v.dtype))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = ctx.backend(query[0], k, v, ctx.batch, scale, sliding_window)
     return out.unsqueeze(0), None

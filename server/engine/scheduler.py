@@ -2,8 +2,10 @@
 
 Owns: the policy, in plain Python (vLLM v1's shape). Each step:
 1. every running sequence, oldest first, gets what it still has to compute: one token for a
-   decode, the next chunk (at most `max_prefill_chunk`) for a prompt being prefilled, within
-   `max_num_batched_tokens` for the whole step. When the KV pool cannot hold a running
+   decode, the next chunk for a prompt being prefilled, within `max_num_batched_tokens` for the
+   whole step. While any sequence is decoding, one prompt gets at most `max_prefill_chunk`
+   tokens a step (so the streams' inter-token time stays near a decode step's); with nobody
+   decoding, a prompt takes the whole budget (nobody is kept waiting by it). When the KV pool cannot hold a running
    sequence's next tokens, the newest running sequence is preempted: its blocks are freed and it
    goes back to the front of the waiting queue, to be recomputed later (its tokens so far are
    kept, so the client never sees an error or a different token);
@@ -78,7 +80,8 @@ class Scheduler:
     def schedule(self) -> Step:
         step = Step()
         budget = self.budget.max_num_batched_tokens
-        chunk = self.budget.max_prefill_chunk
+        decoding = any(len(s) - s.num_computed == 1 for s in self.running)
+        chunk = self.budget.max_prefill_chunk if decoding else budget
         scheduled: set[int] = set()
         # Decodes first, so a long prompt being prefilled never takes a running stream's token.
         order = sorted(self.running, key=lambda s: len(s) - s.num_computed > 1)

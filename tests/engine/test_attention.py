@@ -31,10 +31,8 @@ def test_backends_equal_plain_attention(window):
         blocks = list(range(next_block, next_block + -(-n // bs)))[::-1]   # scattered, reversed blocks
         next_block += len(blocks)
         slots = torch.tensor([blocks[p // bs] * bs + p % bs for p in range(n)])
-        pool.k[0][slots[:n - m]] = k[:, :n - m].transpose(0, 1)          # what earlier steps wrote
-        pool.v[0][slots[:n - m]] = v[:, :n - m].transpose(0, 1)
-        pool.k[0][slots[n - m:]] = k[:, n - m:].transpose(0, 1)          # what this layer call writes
-        pool.v[0][slots[n - m:]] = v[:, n - m:].transpose(0, 1)
+        pool.k[0][:, slots] = k                                          # earlier steps and this call
+        pool.v[0][:, slots] = v
         spans.append(SeqSpan(t, m, n - m, slots))
         qs.append(q[:, n - m:])
         t += m

@@ -24,7 +24,7 @@ def run_step(s: Scheduler):
     # budget, per-sequence chunk, prompt lengths -> tokens per sequence in the first step
     (64, 64, [10, 20], [10, 20]),
     (64, 64, [50, 30], [50, 14]),           # the budget cuts the second prompt
-    (64, 16, [50, 30], [16, 16]),           # the chunk cap splits long prompts
+    (64, 16, [50, 30], [50, 14]),           # nobody decodes yet: no per-prompt cap
     (8, 8, [3, 3, 3], [3, 3, 2]),
 ])
 def test_first_step_budget_arithmetic(budget, chunk, prompts, want):
@@ -50,6 +50,15 @@ def test_running_decodes_get_a_token_every_step_while_a_long_prompt_is_chunked()
         seen.append(got.get("long", 0))
         assert step.num_tokens <= 16
     assert seen == [13] * 7 + [9]                 # 16 - 3 decodes per step, until the 100 are done
+
+
+def test_the_chunk_cap_holds_only_while_streams_decode():
+    s = Scheduler(BlockManager(256, 4), Budget(4, 64, 16))
+    s.add(seq("d", 4))
+    run_step(s)                                   # d is decoding from now on
+    s.add(KVSeq("long", list(range(1000, 1100))))
+    step = s.schedule()
+    assert {kv.seq_id: n for kv, n in step.items} == {"d": 1, "long": 16}
 
 
 def test_fcfs_across_adapters_and_no_starvation():
