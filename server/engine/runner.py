@@ -114,7 +114,7 @@ class ModelRunner:
                 keep[i] = t + n - 1
             t += n
         dev = self.device
-        batch = AttnBatch(torch.cat(slot_map).to(dev), spans, dev)
+        batch = AttnBatch(torch.cat(slot_map).to(dev), spans, dev, self.kv.pad_slot)
         ctx = StepContext(self.kv, batch, self.attention)
         sampled = [i for i in range(len(items)) if i in keep]
         rows = torch.tensor([keep[i] for i in sampled], dtype=torch.long, device=dev)

@@ -8,9 +8,12 @@ rank_pattern and alpha_pattern per module), refusing what the slot path does not
 `add_weighted_adapter` run on a workbench, a throw-away module tree whose leaves are the base
 model's own linear layers, so that the serving model's tree is never touched.
 
-It knows PEFT's file layout and config; it does not know requests or the engine's threads:
-`prepare` and `build_blend` are pure (any thread), `install` and `remove` change the pool
-(the engine thread, between steps).
+It knows PEFT's file layout and config; it does not know requests or the engine's threads.
+`prepare` and `build_blend` are pure (any thread). `install` may run while the engine runs a
+forward: it writes into a free slot, which no token of any step reads, and the name appears in
+`slot_of` only once the copy is complete (a request names an adapter only after its load
+returned, so it never meets a half-written slot). `_lock` keeps installs and removals (the
+engine thread, between steps) from choosing the same free slot or writing the pool at once.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -126,13 +130,15 @@ class AdapterSlots:
         self.identity_of: dict[str, str] = {}
         self.loaded: dict[str, Prepared] = {}
         self._host: OrderedDict[Any, Prepared] = OrderedDict()
+        self._lock = threading.Lock()
+        self._reserved: set[int] = set()
 
     @property
     def names(self) -> set[str]:
         return set(self.slot_of)
 
     def free_slots(self) -> list[int]:
-        used = set(self.slot_of.values())
+        used = set(self.slot_of.values()) | self._reserved
         return [s for s in range(self.pool.slots) if s not in used]
 
     # -- host tier ---------------------------------------------------------------------------
@@ -149,23 +155,31 @@ class AdapterSlots:
 
     # -- engine thread -----------------------------------------------------------------------
     def install(self, name: str, prepared: Prepared, identity: str) -> int:
-        if name in self.slot_of:
-            raise InvalidAdapter(f"adapter {name!r} is already loaded", code="adapter_exists")
-        free = self.free_slots()
-        if not free:
-            raise Overloaded(f"all {self.pool.slots} LoRA slots are in use (adapters.max_loaded_adapters)",
-                             retry_after=1, code="adapter_capacity")
-        slot = free[0]
-        self.pool.write(slot, prepared.weights)
-        self.slot_of[name], self.identity_of[name], self.loaded[name] = slot, identity, prepared
+        with self._lock:
+            if name in self.slot_of:
+                raise InvalidAdapter(f"adapter {name!r} is already loaded", code="adapter_exists")
+            free = self.free_slots()
+            if not free:
+                raise Overloaded(f"all {self.pool.slots} LoRA slots are in use (adapters.max_loaded_adapters)",
+                                 retry_after=1, code="adapter_capacity")
+            slot = free[0]
+            self._reserved.add(slot)
+            try:
+                self.pool.write(slot, prepared.weights)
+            finally:
+                self._reserved.discard(slot)
+            # Published last, each a single assignment: a reader sees the adapter whole or not at all.
+            self.identity_of[name], self.loaded[name] = identity, prepared
+            self.slot_of[name] = slot
         return slot
 
     def remove(self, name: str) -> tuple[str, Prepared] | None:
-        slot = self.slot_of.pop(name, None)
-        if slot is None:
-            return None
-        self.pool.clear(slot)
-        return self.identity_of.pop(name), self.loaded.pop(name)
+        with self._lock:
+            slot = self.slot_of.pop(name, None)
+            if slot is None:
+                return None
+            self.pool.clear(slot)
+            return self.identity_of.pop(name), self.loaded.pop(name)
 
     # -- blends (any thread) -------------------------------------------------------------------
     def workbench(self) -> nn.Module:

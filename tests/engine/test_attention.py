@@ -25,6 +25,10 @@ def test_backends_equal_plain_attention(window):
     lengths = [9, 1, 6, 13]          # whole lengths; each sequence computes its last `new` tokens now
     new = [1, 1, 6, 5]               # two decodes, a first chunk, a chunk that starts at position 8
     pool = KVPool(1, 64, kvh, d, torch.float32, torch.device("cpu"))
+    pool.k[0][:, :] = float("nan")   # stale values of freed slots (a broken adapter's, say) everywhere
+    pool.v[0][:, :] = float("inf")
+    pool.k[0][:, pool.pad_slot] = 0  # except the zero slot padding reads, which nothing ever writes
+    pool.v[0][:, pool.pad_slot] = 0
     full = [(torch.randn(heads, n, d), torch.randn(kvh, n, d), torch.randn(kvh, n, d)) for n in lengths]
     spans, qs, slot_map, t, next_block = [], [], [], 0, 0
     for (q, k, v), n, m in zip(full, lengths, new):
@@ -39,8 +43,9 @@ def test_backends_equal_plain_attention(window):
     q_all = torch.cat(qs, dim=1)
     outs = {}
     for name, fn in BACKENDS.items():
-        batch = AttnBatch(torch.zeros(t, dtype=torch.long), spans, torch.device("cpu"))
+        batch = AttnBatch(torch.zeros(t, dtype=torch.long), spans, torch.device("cpu"), pool.pad_slot)
         outs[name] = fn(q_all, pool.k[0], pool.v[0], batch, d ** -0.5, window)
+    assert torch.isfinite(outs["batched"]).all() and torch.isfinite(outs["reference"]).all()
     assert torch.allclose(outs["batched"], outs["reference"], atol=1e-6)
     for s, (q, k, v), m in zip(spans, full, new):
         want = plain(q, k, v, window)[:, -m:].transpose(0, 1)
