@@ -30,7 +30,7 @@ def test_backends_equal_plain_attention(window):
     pool.k[0][:, pool.pad_slot] = 0  # except the zero slot padding reads, which nothing ever writes
     pool.v[0][:, pool.pad_slot] = 0
     full = [(torch.randn(heads, n, d), torch.randn(kvh, n, d), torch.randn(kvh, n, d)) for n in lengths]
-    spans, qs, slot_map, t, next_block = [], [], [], 0, 0
+    spans, qs, t, next_block = [], [], 0, 0
     for (q, k, v), n, m in zip(full, lengths, new):
         blocks = list(range(next_block, next_block + -(-n // bs)))[::-1]   # scattered, reversed blocks
         next_block += len(blocks)
