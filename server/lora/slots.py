@@ -131,14 +131,13 @@ class AdapterSlots:
         self.loaded: dict[str, Prepared] = {}
         self._host: OrderedDict[Any, Prepared] = OrderedDict()
         self._lock = threading.Lock()
-        self._reserved: set[int] = set()
 
     @property
     def names(self) -> set[str]:
         return set(self.slot_of)
 
     def free_slots(self) -> list[int]:
-        used = set(self.slot_of.values()) | self._reserved
+        used = set(self.slot_of.values())
         return [s for s in range(self.pool.slots) if s not in used]
 
     # -- host tier ---------------------------------------------------------------------------
@@ -153,7 +152,7 @@ class AdapterSlots:
         while len(self._host) > self.host_capacity:
             self._host.popitem(last=False)
 
-    # -- engine thread -----------------------------------------------------------------------
+    # -- slots: install on the loader thread, remove on the engine thread; both under _lock ----
     def install(self, name: str, prepared: Prepared, identity: str) -> int:
         with self._lock:
             if name in self.slot_of:
@@ -163,11 +162,7 @@ class AdapterSlots:
                 raise Overloaded(f"all {self.pool.slots} LoRA slots are in use (adapters.max_loaded_adapters)",
                                  retry_after=1, code="adapter_capacity")
             slot = free[0]
-            self._reserved.add(slot)
-            try:
-                self.pool.write(slot, prepared.weights)
-            finally:
-                self._reserved.discard(slot)
+            self.pool.write(slot, prepared.weights)  # a free slot: no step reads it while it is written
             # Published last, each a single assignment: a reader sees the adapter whole or not at all.
             self.identity_of[name], self.loaded[name] = identity, prepared
             self.slot_of[name] = slot
