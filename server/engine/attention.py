@@ -101,8 +101,7 @@ class AttnBatch:
         hit = self._masks.get(key)
         if hit is None:
             heads = torch.arange(kv_heads, device=slots.device).unsqueeze(1) * num_slots
-            hit = self._masks[key] = (slots.reshape(1, -1) + heads).reshape(-1)
-            self._masks[("keep", id(slots))] = slots   # the id stays valid while the batch lives
+            hit = self._masks[key] = (slots.reshape(1, -1) + heads).reshape(-1)  # slots live as long as the batch
         return hit
 
     def mask(self, key: Any, build: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -183,7 +183,3 @@ class BlockManager:
                 self._idle.pop(b, None)
                 self._free.append(b)
         return len(blocks)
-
-    def reset_cache(self) -> None:
-        for ident in set(self._identity_of.values()):
-            self.drop_identity(ident)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import hashlib
 import logging
 import threading
 import time
@@ -31,15 +30,14 @@ from typing import AsyncIterator, Callable
 import torch
 
 from ..config import EngineConfig, ModelConfig
-from ..errors import LoraplexError, NotFound, NotReady, Overloaded, RequestTimeout
-from ..lora.blend import BlendSpec, write_folder
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, LoraplexError, NotFound, NotReady, Overloaded, RequestTimeout
+from ..lora.blend import BlendSpec
 from ..lora.slots import Prepared, prepare
-from ..lora.weights import AdapterFiles, AdapterInfo, describe_adapter, read_adapter
+from ..lora.weights import AdapterInfo, read_adapter
 from ..model import LoadedModel, load_model
 from .blocks import BlockManager, KVSeq
-from .runner import ModelRunner, StepItem, model_geometry
-from .attention import KVPool
+from .loading import file_key, pool_blocks, prepare_blend
+from .runner import ModelRunner, StepItem
 from .sampling import RowState, make_generator, sample
 from .scheduler import Budget, Scheduler
 from .sequence import Sequence
@@ -72,9 +70,6 @@ class _Live:
     @property
     def request_id(self) -> str:
         return self.pending.request.request_id
-
-
-CPU_KV_BYTES = 2 << 30              # the KV pool's default size on CPU
 
 
 class TorchEngine:
@@ -226,7 +221,7 @@ class TorchEngine:
         runner = self._runner
 
         def load() -> Prepared:
-            key = _file_key(path)
+            key = file_key(path)
             with self._host_lock:
                 hit = runner.slots.from_host(key)
             prepared = hit or prepare(name, read_adapter(path, max_rank=self.max_lora_rank if check_rank else 1 << 30),
@@ -240,24 +235,7 @@ class TorchEngine:
     async def create_blend(self, name: str, spec: BlendSpec, folder: Path | None) -> AdapterInfo:
         runner = self._runner
 
-        def build() -> tuple[Prepared, str]:
-            from peft import get_peft_model_state_dict
-
-            peft = runner.slots.build_blend(name, spec)
-            if folder is not None:
-                write_folder(peft, name, folder)
-                info = describe_adapter(folder)
-                identity = info.sha256
-            else:
-                cfg = peft.peft_config[name]
-                sources = [(n, w, runner.slots.identity_of.get(n, "")) for n, w in spec.adapters]
-                identity = hashlib.sha256(repr((spec.combination_type, spec.density, sources)).encode()).hexdigest()
-                info = AdapterInfo(Path(), int(cfg.r), float(cfg.lora_alpha), tuple(sorted(cfg.target_modules)),
-                                   "", 0)
-            tensors = {k: v.detach().to("cpu") for k, v in get_peft_model_state_dict(peft, adapter_name=name).items()}
-            files = AdapterFiles(info, peft.peft_config[name], tensors)
-            return prepare(name, files, runner.pool, runner.slots.model_modules), identity
-        prepared, identity = await self._off_thread(build)
+        prepared, identity = await self._off_thread(lambda: prepare_blend(runner, name, spec, folder))
         await self._off_thread(lambda: runner.slots.install(name, prepared, identity=identity))
         return prepared.files.info
 
@@ -294,31 +272,12 @@ class TorchEngine:
                 fut.set_exception(e)
 
     # -- the engine thread -----------------------------------------------------------
-    def _pool_blocks(self, loaded: LoadedModel) -> int:
-        """KV blocks from engine.max_kv_tokens, else engine.kv_cache_memory, else the device's default."""
-        bs = self.cfg.block_size
-        if self.cfg.max_kv_tokens:
-            return -(-self.cfg.max_kv_tokens // bs)
-        layers, kv, head_dim = model_geometry(loaded.model.config)
-        per_block = bs * KVPool.bytes_per_slot(layers, kv, head_dim, loaded.dtype)
-        memory = self.cfg.kv_cache_memory
-        if not memory:
-            if loaded.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(loaded.device)
-                memory = int(0.6 * free)
-            else:
-                memory = CPU_KV_BYTES
-            # Auto never sizes past what the batch could ever hold: every sequence at full context.
-            ctx = self.model_cfg.context_length or getattr(loaded.model.config, "max_position_embeddings", 0) or 2048
-            memory = min(memory, -(-self.cfg.max_batch_size * ctx // bs) * per_block)
-        return max(1, memory // per_block)
-
     def _main(self) -> None:
         try:
             if self.cfg.threads:
                 torch.set_num_threads(self.cfg.threads)
             loaded = self._loader(self.model_cfg, self.cache_dir)
-            blocks = self._pool_blocks(loaded)
+            blocks = pool_blocks(self.cfg, self.model_cfg, loaded)
             self._runner = ModelRunner(loaded, slots=self.num_slots, num_blocks=blocks,
                                        block_size=self.cfg.block_size, lora_backend=self.cfg.lora_backend,
                                        attention=self.cfg.attention_backend, host_adapters=self.host_adapters)
@@ -487,16 +446,3 @@ class TorchEngine:
 def _timeout() -> RequestTimeout:
     return RequestTimeout("the request ran past server.request_timeout_s and was ended", code="request_timeout")
 
-
-def _file_key(folder: Path) -> tuple | None:
-    """The host tier's key for an adapter folder: its files' paths, sizes and modification times."""
-    from ..lora.weights import CONFIG_FILE, WEIGHTS_FILE
-
-    try:
-        parts = []
-        for f in (CONFIG_FILE, WEIGHTS_FILE):
-            st = (Path(folder) / f).stat()
-            parts.append((str((Path(folder) / f).resolve()), st.st_size, st.st_mtime_ns))
-        return tuple(parts)
-    except OSError:
-        return None

@@ -149,6 +149,7 @@ class LoraPool:
                 if layer.A is not None and layer.rank[slot]:
                     layer.A[slot].zero_()
                     layer.B[slot].zero_()
+                    layer._sel = None
                 layer.rank[slot] = 0
                 continue
             a, b = w
@@ -161,8 +162,6 @@ class LoraPool:
             layer.A[slot, :r] = a.to(device=self.device, dtype=self.dtype)
             layer.B[slot, :r] = b.to(device=self.device, dtype=self.dtype)
             layer.rank[slot] = r
-            layer._sel = None
-        for layer in self.layers.values():
             layer._sel = None
 
     def clear(self, slot: int) -> None:

@@ -142,8 +142,7 @@ class AdapterSlots:
 
     # -- host tier ---------------------------------------------------------------------------
     def from_host(self, key: Any) -> Prepared | None:
-        hit = self._host.pop(key, None)
-        return hit
+        return self._host.pop(key, None)
 
     def to_host(self, key: Any, prepared: Prepared) -> None:
         if self.host_capacity <= 0 or key is None:
