@@ -91,6 +91,8 @@ class EngineConfig:
     max_kv_tokens: int = 0          # if > 0, the KV pool holds exactly this many tokens (rounded up to blocks)
     prefix_caching: bool = True     # reuse the KV blocks of a prompt prefix seen before, per adapter
     attention_backend: str = "batched"  # batched | reference (see server/engine/attention.py)
+    # On CUDA, capture decode-only steps as CUDA graphs and replay them (no effect on a CPU).
+    cuda_graphs: bool = True
     max_waiting_requests: int = 256  # queued beyond this get 429
     threads: int = 0                # torch intra-op threads; 0 = torch's default
     lora_backend: str = "auto"      # auto | gathered | segments | loop (see server/lora/pool.py)

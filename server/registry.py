@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import re
 import shutil
@@ -43,13 +42,12 @@ from .state import Record, State, StateFile
 log = logging.getLogger("loraplex.registry")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-MIX_PREFIX = "~mix-"  # per-request blends; the name rule keeps clients from using it
 
 
 @dataclass(eq=False)
 class Entry:
     name: str
-    kind: str                       # "adapter" | "blend" | "mix" (per-request blend, not listed or saved)
+    kind: str                       # "adapter" | "blend"
     path: Path | None               # weights on disk; None for a mix
     info: AdapterInfo
     pinned: bool = False
@@ -70,11 +68,14 @@ class Entry:
 
 @dataclass
 class Lease:
-    """What a request holds while it runs; `adapter` is the engine name (None = base)."""
+    """What a request holds while it runs; `adapter` is the engine name (None = base). A
+    per-request mix holds its sources and names them with their weights in `mix` (the engine
+    adds each source's delta times its weight to the row: no blend is built, no slot taken)."""
 
     adapter: str | None
     entries: list[Entry] = field(default_factory=list)
     released: bool = False
+    mix: tuple[tuple[str, float], ...] = ()
 
 
 class Observer:
@@ -134,7 +135,7 @@ class Registry:
 
     def _visible(self, name: str) -> Entry | None:
         e = self._entries.get(name)
-        return e if e is not None and not e.draining and e.kind != "mix" else None
+        return e if e is not None and not e.draining else None
 
     def get(self, name: str) -> Entry:
         e = self._visible(name)
@@ -143,10 +144,10 @@ class Registry:
         return e
 
     def entries(self) -> list[Entry]:
-        return [e for e in self._entries.values() if not e.draining and e.kind != "mix"]
+        return [e for e in self._entries.values() if not e.draining]
 
     def counts(self) -> dict[str, int]:
-        """For the metrics: registered (adapters and blends), in memory (mixes too), pinned, blends."""
+        """For the metrics: registered (adapters and blends), in memory, pinned, blends."""
         listed = self.entries()
         return {"registered": len(listed), "loaded": self._loaded_count(),
                 "pinned": sum(e.pinned for e in listed), "blends": sum(e.kind == "blend" for e in listed)}
@@ -210,20 +211,10 @@ class Registry:
             check_spec(spec, {e.name: e.info.rank for e in self.entries()})
         except InvalidAdapter as e:
             raise InvalidRequest(e.message, param="adapters", code=e.code) from None
-        key = hashlib.sha256(repr(spec.adapters).encode()).hexdigest()[:16]
-        name = MIX_PREFIX + key
-        lease = Lease(name)
+        lease = Lease(None, mix=spec.adapters)
         try:
-            for src, _ in spec.adapters:  # sources stay in memory while the mix exists for this request
+            for src, _ in spec.adapters:  # sources stay in memory while the request runs
                 await self._take(self._entries[src], lease)
-            async with self._lock:
-                mixed = self._entries.get(name)
-                if mixed is None:
-                    await self._make_room()
-                    info = await self.engine.create_blend(name, spec, None)
-                    mixed = Entry(name, "mix", None, info, loaded=True, loaded_at=time.time(), recipe=spec)
-                    self._entries[name] = mixed
-            await self._take(mixed, lease)
         except BaseException:
             self.release(lease)
             raise
@@ -253,13 +244,10 @@ class Registry:
                 raise Overloaded(f"all {self.capacity} adapter slots (adapters.max_loaded_adapters) are taken: "
                                  f"{busy} serving requests, {pinned} pinned; retry later", retry_after=1,
                                  code="adapter_capacity")
-            # Mixes go first: they are cheap to rebuild and never listed.
-            victim = min(idle, key=lambda e: (e.kind != "mix", e.use_seq))
+            victim = min(idle, key=lambda e: e.use_seq)
             # Mark it gone before awaiting the engine: a request that arrives meanwhile must
             # see it unloaded and queue for a reload, not be routed to weights being freed.
             victim.loaded = False
-            if victim.kind == "mix":
-                del self._entries[victim.name]
             await self.engine.unload_adapter(victim.name)
             self.observer.adapter_evicted()
             log.info("evicted %s (least recently used)", victim.name)
@@ -285,8 +273,10 @@ class Registry:
         """Register and load an adapter folder. Returns (entry, created)."""
         check_name(name)
         folder = self.resolve_path(path)
-        sha = await asyncio.to_thread(content_hash, folder)
         existing = self._entries.get(name)
+        # Only a name already taken needs the hash now (is it the same content?); a new one gets
+        # its sha256 from the load, which hashes the bytes it reads: one pass over the files.
+        sha = await asyncio.to_thread(content_hash, folder) if existing is not None else ""
         if existing is not None and existing.draining:
             raise Conflict(f"adapter {name!r} is being unloaded; retry shortly", code="adapter_draining")
         if existing is not None:
@@ -406,7 +396,7 @@ class Registry:
     def _save(self) -> None:
         records = [Record(e.name, e.kind, self.state.rel(e.path), e.pinned, e.info.sha256,
                           e.recipe.recipe() if e.recipe else None, e.created)
-                   for e in self._entries.values() if e.kind != "mix" and not e.draining and e.path is not None]
+                   for e in self._entries.values() if not e.draining and e.path is not None]
         self.state.write(State(records, sorted(self._removed)))
 
     async def start(self, scan_store: bool = True) -> list[str]:

@@ -53,7 +53,7 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
 
 
 def save_adapter(base_folder: Path, out: Path, *, r: int = 4, alpha: int = 8, seed: int = 1,
-                 targets=("q_proj", "v_proj"), scale: float = 1.0) -> Path:
+                 targets=("q_proj", "v_proj"), scale: float = 1.0, **config) -> Path:
     """A PEFT adapter with random (not no-op) weights, saved as safetensors."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -61,7 +61,7 @@ def save_adapter(base_folder: Path, out: Path, *, r: int = 4, alpha: int = 8, se
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
     torch.manual_seed(seed)
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
-                                            init_lora_weights=False))
+                                            init_lora_weights=False, **config))
     if scale != 1.0:
         with torch.no_grad():
             for n, p in model.named_parameters():

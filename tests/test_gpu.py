@@ -76,3 +76,43 @@ def test_engine_on_cuda_serves_base_and_adapter_in_one_batch(tiny_model_dir, tin
     assert all(len(o) == 8 for o in outs)
     assert outs[0] == outs[2] == outs[4] and outs[1] == outs[3] == outs[5]  # same prompt, same adapter, same tokens
     assert outs[0] != outs[1]                                                # the adapter changes the output
+
+
+def graph_run(model_dir, store, graphs: bool):
+    """Tokens of base, alpha and (loaded mid-run: new layers, so the LoRA pool's buffers change)
+    beta rows, and the engine's graph counters."""
+    cfg = load_config(overrides={"model.model": str(model_dir), "model.device": "cuda", "model.dtype": "float32",
+                                 "engine.cuda_graphs": graphs})
+    eng = TorchEngine(cfg.model, cfg.engine, cache_dir=store.parent / "cache")
+    eng.start()
+
+    async def batch(adapters):
+        reqs = [GenerationRequest(f"g{i}-{a}", eng.tokenizer.encode(f"hello world {i}"),
+                                  SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), a)
+                for i, a in enumerate(adapters)]
+
+        async def one(r):
+            return [t for ev in [e async for e in eng.submit(r)] for t in ev.token_ids]
+        return await asyncio.gather(*(one(r) for r in reqs))
+
+    async def main():
+        await eng.wait_ready()
+        await eng.load_adapter("alpha", store / "alpha")
+        first = await batch([None, "alpha", "alpha", None, "alpha"])
+        await eng.load_adapter("beta", store / "beta")
+        second = await batch(["beta", None, "alpha", "beta", "beta", "alpha", None])
+        g = eng._runner.graphs
+        return first + second, (g.recaptures, g.replays) if g is not None else None
+    try:
+        return asyncio.run(main())
+    finally:
+        eng.shutdown()
+
+
+def test_cuda_graphs_give_the_eager_tokens_and_recapture_after_the_lora_pool_grows(tiny_model_dir, tiny_store):
+    eager, none = graph_run(tiny_model_dir, tiny_store, graphs=False)
+    replayed, (recaptures, replays) = graph_run(tiny_model_dir, tiny_store, graphs=True)
+    assert none is None
+    assert replayed == eager
+    assert replays > 0
+    assert recaptures >= 1  # a bucket captured before beta's new layers was captured again

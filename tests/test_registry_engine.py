@@ -24,6 +24,7 @@ def template(tiny_model_dir, tiny_store, tmp_path_factory):
     shutil.copytree(tiny_store, store)
     save_adapter(tiny_model_dir, store / "gamma", seed=5, r=4, targets=("q_proj", "v_proj"))
     save_adapter(tiny_model_dir, store / "delta", seed=6, r=4, targets=("q_proj", "v_proj", "gate_proj"))
+    save_adapter(tiny_model_dir, store / "rs", seed=7, r=4, targets=("q_proj", "o_proj"), use_rslora=True)
     return store
 
 
@@ -58,7 +59,7 @@ def reference(tiny_model_dir, template):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     base.generation_config.eos_token_id = None
     peft = PeftModel.from_pretrained(base, template / "alpha", adapter_name="alpha")
-    for name in ("beta", "gamma", "delta"):
+    for name in ("beta", "gamma", "delta", "rs"):
         peft.load_adapter(template / name, adapter_name=name)
     peft.eval()
 
@@ -82,7 +83,8 @@ async def generate(engine, registry, model, mix=None, rid="r", n=N):
     lease = await registry.acquire(model, mix)
     try:
         req = GenerationRequest(rid, engine.tokenizer.encode(PROMPT),
-                                SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), lease.adapter)
+                                SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), lease.adapter,
+                                mix=lease.mix)
         return [t for ev in [e async for e in engine.submit(req)] for t in ev.token_ids]
     finally:
         registry.release(lease)
@@ -114,17 +116,33 @@ def test_blend_equals_peft_add_weighted_adapter(engine, fresh, reference, spec):
     assert served != reference(ids, adapter=spec.adapters[0][0])
 
 
-def test_per_request_mix_equals_peft_cat(engine, fresh, reference):
+MIXES = [(("alpha", 0.7), ("beta", 0.3)),
+         (("rs", 0.8), ("gamma", -0.4)),            # rsLoRA first: PEFT's cat blend inherits it (scale sqrt(8))
+         (("gamma", 0.5), ("rs", 1.5), ("beta", 0.5)),
+         (("delta", 2.0),)]
+
+
+def test_per_request_mixes_in_one_batch_equal_peft_cat(engine, fresh, reference):
+    """Mixes are weighted sets of the sources' slots, no blend built: each row equals PEFT's own
+    "cat" blend, in one batch with base and plain adapter rows beside them."""
     reg = fresh()
-    mix = [("alpha", 0.7), ("beta", 0.3)]
 
     async def main():
-        await reg.register("alpha", "alpha")
-        await reg.register("beta", "beta")
-        return await generate(engine, reg, engine.model_id, mix)
-    served = asyncio.run(main())
-    ref = reference(engine.tokenizer.encode(PROMPT), blend=("ref-mix", BlendSpec(tuple(mix), "cat")))
-    assert served == ref
+        for n in ("alpha", "beta", "gamma", "delta", "rs"):
+            await reg.register(n, n)
+        slots_before = dict(engine._runner.slots.slot_of)
+        jobs = [generate(engine, reg, engine.model_id, list(m), rid=f"mix-{i}") for i, m in enumerate(MIXES)]
+        jobs += [generate(engine, reg, engine.model_id, rid="base"), generate(engine, reg, "alpha", rid="alpha")]
+        out = await asyncio.gather(*jobs)
+        assert engine._runner.slots.slot_of == slots_before  # no slot was taken by a mix
+        return out
+    *served, base, alpha = asyncio.run(main())
+    ids = engine.tokenizer.encode(PROMPT)
+    for i, (m, got) in enumerate(zip(MIXES, served)):
+        assert got == reference(ids, blend=(f"ref-mix-{i}", BlendSpec(m, "cat"))), m
+    assert base != alpha
+    assert alpha == reference(ids, adapter="alpha")
+    assert len({tuple(s) for s in served}) == len(MIXES)
 
 
 def test_eviction_churn_keeps_outputs_exact(engine, fresh):

@@ -14,16 +14,16 @@ from typing import AsyncIterator
 
 from ..engine.types import GenerationEvent
 from ..metrics import MIX_LABEL, Metrics
-from ..registry import MIX_PREFIX, Lease
+from ..registry import Lease
 from .errors import describe
 
 log = logging.getLogger("loraplex.request")
 
 
 def adapter_label(lease: Lease, base_id: str) -> str:
-    if lease.adapter is None:
-        return base_id
-    return MIX_LABEL if lease.adapter.startswith(MIX_PREFIX) else lease.adapter
+    if lease.mix:
+        return MIX_LABEL
+    return base_id if lease.adapter is None else lease.adapter
 
 
 class RequestRecord:

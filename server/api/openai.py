@@ -112,6 +112,8 @@ async def _run(request: Request, state: AppState, body, planner: Callable, chunk
         plan = planner(body, state.engine.tokenizer, state.engine.context_length, state.config.server,
                        lease.adapter)
         record.prompt_tokens = plan.prompt_tokens
+        for r in plan.requests:  # a per-request mix: its sources and weights, leased above
+            r.mix = lease.mix
         if state.config.server.request_timeout_s:  # the engine ends it past this (408 / an error event)
             deadline = time.monotonic() + state.config.server.request_timeout_s
             for r in plan.requests:

@@ -39,8 +39,10 @@ class KVPool:
         # One slot more than the blocks hold: the last is never written and stays zero. Decode
         # padding reads it, never a freed slot whose stale values (NaN from a broken adapter,
         # say) would poison a masked-out score: -inf + NaN is NaN, and softmax spreads it.
-        self.pad_slot = num_slots
-        shape = (kv_heads, num_slots + 1, head_dim)
+        # And one more after it: `scratch_slot`, where the padding rows of a fixed-shape decode
+        # step (CUDA graphs) write their keys; only those rows ever read it.
+        self.pad_slot, self.scratch_slot = num_slots, num_slots + 1
+        shape = (kv_heads, num_slots + 2, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
 
@@ -150,26 +152,31 @@ def reference(q, k, v, batch: AttnBatch, scaling: float, window: int | None) -> 
     return out
 
 
+def _decode_rows(qr, k, v, slots, kpos, qpos, batch, scaling: float, window: int | None) -> torch.Tensor:
+    """B single-token queries qr (heads, B, d) over their padded key slots (B, L) (key positions
+    kpos, -1 on padding; query positions qpos (B,)) -> (B, heads, d). Fixed shapes, no host work."""
+    n, width = slots.shape
+    kvh, total, d = k.shape
+    rep = qr.shape[0] // kvh
+    idx = batch.flat(slots, kvh, total)
+    keys = k.view(kvh * total, d).index_select(0, idx).view(kvh * n, width, d)     # (kvh * B, L, d)
+    vals = v.view(kvh * total, d).index_select(0, idx).view(kvh * n, width, d)
+    # The query heads that share a KV head become that head's query rows (no repeat of K/V):
+    # (heads, B, d) -> (kvh * B, rep, d), HF's head order (query head h reads KV head h // rep).
+    qs = qr.reshape(kvh, rep, n, d).transpose(1, 2).reshape(kvh * n, rep, d)
+    bias = batch.mask(("dec", window), lambda: torch.zeros(kpos.shape, dtype=qr.dtype, device=qr.device)
+                      .masked_fill_(~_visible(qpos.unsqueeze(1), kpos, window)[:, 0], float("-inf"))
+                      .view(1, n, 1, width).expand(kvh, n, 1, width).reshape(kvh * n, 1, width))
+    scores = torch.baddbmm(bias, qs, keys.transpose(1, 2), alpha=scaling)             # (kvh * B, rep, L)
+    o = torch.bmm(scores.softmax(-1), vals).view(kvh, n, rep, d)                      # (kvh, B, rep, d)
+    return o.permute(1, 0, 2, 3).reshape(n, kvh * rep, d)
+
+
 def batched(q, k, v, batch: AttnBatch, scaling: float, window: int | None) -> torch.Tensor:
     out = q.new_empty((q.shape[1], q.shape[0], q.shape[2]))
     rows, slots, kpos, qpos, rest = batch.decode_gather()
     if rows is not None:
-        n, width = slots.shape
-        kvh, total, d = k.shape
-        rep = q.shape[0] // kvh
-        idx = batch.flat(slots, kvh, total)
-        keys = k.view(kvh * total, d).index_select(0, idx).view(kvh * n, width, d)     # (kvh * B, L, d)
-        vals = v.view(kvh * total, d).index_select(0, idx).view(kvh * n, width, d)
-        # The query heads that share a KV head become that head's query rows (no repeat of K/V):
-        # (heads, B, d) -> (kvh * B, rep, d), HF's head order (query head h reads KV head h // rep).
-        qs = q.index_select(1, rows).view(kvh, rep, n, d).transpose(1, 2).reshape(kvh * n, rep, d)
-        bias = batch.mask(("dec", window), lambda: torch.zeros(kpos.shape, dtype=q.dtype, device=q.device)
-                          .masked_fill_(~_visible(qpos.unsqueeze(1), kpos, window)[:, 0], float("-inf"))
-                          .view(1, n, 1, width).expand(kvh, n, 1, width).reshape(kvh * n, 1, width))
-        scores = torch.baddbmm(bias, qs, keys.transpose(1, 2), alpha=scaling)             # (kvh * B, rep, L)
-        o = torch.bmm(scores.softmax(-1), vals).view(kvh, n, rep, d)                      # (kvh, B, rep, d)
-        o = o.permute(1, 0, 2, 3).reshape(n, kvh * rep, d)
-        out[rows] = o
+        out[rows] = _decode_rows(q.index_select(1, rows), k, v, slots, kpos, qpos, batch, scaling, window)
     for s in rest:
         out[s.start:s.start + s.length] = _span_attention(q[:, s.start:s.start + s.length], k, v, s, batch,
                                                           scaling, window, "bat")
@@ -180,12 +187,34 @@ BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": reference, "bat
 
 
 @dataclass
+class DecodeBatch:
+    """A decode-only step in fixed shapes, for CUDA-graph capture (`server/engine/graphs.py`):
+    B rows, one token each, at most L key slots each. The tensors are the graph's static inputs,
+    rewritten in place before every replay; rows past the real batch are padding (they write
+    their key to a scratch slot and read only it)."""
+
+    slot_mapping: torch.Tensor      # (B,) long
+    slots: torch.Tensor             # (B, L) long, padded with the pool's zero slot
+    kpos: torch.Tensor              # (B, L) long, -1 on padding
+    qpos: torch.Tensor              # (B,) long
+    _masks: dict = field(default_factory=dict)
+
+    flat = AttnBatch.flat
+    mask = AttnBatch.mask
+
+
+def static_decode(q, k, v, batch: DecodeBatch, scaling: float, window: int | None) -> torch.Tensor:
+    """The "batched" decode math over a DecodeBatch: every row of q (heads, B, d) is a decode."""
+    return _decode_rows(q, k, v, batch.slots, batch.kpos, batch.qpos, batch, scaling, window)
+
+
+@dataclass
 class StepContext:
     """What the attention function needs in one forward; passed as the `loraplex_step` keyword
     argument through the model's forward (transformers hands extra keywords to attention)."""
 
     pool: KVPool
-    batch: AttnBatch
+    batch: AttnBatch | DecodeBatch
     backend: Callable[..., torch.Tensor]
 
 

@@ -175,8 +175,10 @@ class BlockManager:
         seq.block_table, seq.digests, seq.num_computed = [], [], 0
 
     def drop_identity(self, identity: str) -> int:
-        """Forget every cached block of one adapter identity; returns how many were dropped."""
-        blocks = [b for b, i in self._identity_of.items() if i == identity]
+        """Forget every cached block of one adapter identity, and of every per-request mix that
+        has it as a source (identities "mix:..." name their sources); returns how many."""
+        blocks = [b for b, i in self._identity_of.items()
+                  if i == identity or (identity and i.startswith("mix:") and identity in i)]
         for b in blocks:
             self._uncache(b)
             if self._refs[b] == 0:

@@ -48,6 +48,8 @@ class ByteTokenizer:
 
 
 def default_script(request: GenerationRequest, prompt: str) -> str:
+    if request.mix:
+        return f"[{'+'.join(f'{w:g}*{n}' for n, w in request.mix)}] {prompt[-24:]}"
     return f"[{request.adapter or 'base'}] {prompt[-24:]}"
 
 
@@ -101,9 +103,10 @@ class FakeEngine:
     def submit(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if not self._ready:
             raise NotReady("the engine is not serving", code="not_ready")
-        if request.adapter is not None and request.adapter not in self.adapters:
-            # As the real engine would: a request routed to an adapter not in memory is a bug upstream.
-            raise NotFound(f"adapter {request.adapter!r} is not loaded", code="model_not_found")
+        for name in ([request.adapter] if request.adapter is not None else []) + [n for n, _ in request.mix]:
+            if name not in self.adapters:
+                # As the real engine would: a request routed to an adapter not in memory is a bug upstream.
+                raise NotFound(f"adapter {name!r} is not loaded", code="model_not_found")
         if len(self.running) >= self.max_waiting:
             raise Overloaded(f"{len(self.running)} requests running; retry later", retry_after=1, code="queue_full")
         self.submitted.append(request)
@@ -161,17 +164,14 @@ class FakeEngine:
         self.loads.append(name)
         return info
 
-    async def create_blend(self, name: str, spec: BlendSpec, folder: Path | None) -> AdapterInfo:
+    async def create_blend(self, name: str, spec: BlendSpec, folder: Path) -> AdapterInfo:
         """A stand-in blend: the first source's files (the fake has no weights to combine)."""
         missing = [n for n, _ in spec.adapters if n not in self.adapters]
         if missing:
             raise InvalidAdapter(f"blend {name!r}: adapters not in memory: {missing}", code="adapter_not_loaded")
         first = self.adapters[spec.adapters[0][0]]
-        if folder is not None:
-            shutil.copytree(first.folder, folder, ignore=shutil.ignore_patterns("README.md"))
-            info = describe_adapter(folder)
-        else:
-            info = AdapterInfo(Path(), first.rank, first.alpha, first.target_modules, "", 0)
+        shutil.copytree(first.folder, folder, ignore=shutil.ignore_patterns("README.md"))
+        info = describe_adapter(folder)
         self.adapters[name] = info
         self.blends[name] = spec
         return info

@@ -2,7 +2,7 @@
 
 Owns: the KV pool's size in blocks (from engine.max_kv_tokens, engine.kv_cache_memory or the
 device's default), the host tier's key for an adapter folder, and a blend made ready for a slot
-(PEFT builds it on the workbench, it is written to its folder if asked, and its identity for the
+(PEFT builds it on the workbench, it is written to its folder, and its identity for the
 prefix cache is fixed). Plain functions: the engine calls them on its own or its loader thread.
 
 It knows configs, files and PEFT's output; not requests, threads or the scheduler.
@@ -10,7 +10,6 @@ It knows configs, files and PEFT's output; not requests, threads or the schedule
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from ..config import EngineConfig, ModelConfig
 from ..lora.blend import BlendSpec, write_folder
 from ..lora.slots import Prepared, prepare
-from ..lora.weights import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, AdapterInfo, describe_adapter
+from ..lora.weights import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, describe_adapter
 from ..model import LoadedModel
 from .attention import KVPool
 from .runner import model_geometry
@@ -60,21 +59,16 @@ def file_key(folder: Path) -> tuple | None:
         return None
 
 
-def prepare_blend(runner: Any, name: str, spec: BlendSpec, folder: Path | None) -> tuple[Prepared, str]:
-    """PEFT's blend of loaded adapters, written to `folder` if given, ready for a slot; and its
-    identity: the folder's content hash, or (no folder: a per-request mix) the recipe and the
-    identities of its sources."""
+def prepare_blend(runner: Any, name: str, spec: BlendSpec, folder: Path) -> tuple[Prepared, str]:
+    """PEFT's blend of loaded adapters, written to `folder`, ready for a slot; and its identity
+    for the prefix cache: the folder's content hash. (Per-request mixes build nothing: see
+    `AdapterSlots.mix_slots`.)"""
     from peft import get_peft_model_state_dict
 
     peft = runner.slots.build_blend(name, spec)
     cfg = peft.peft_config[name]
-    if folder is not None:
-        write_folder(peft, name, folder)
-        info = describe_adapter(folder)
-        identity = info.sha256
-    else:
-        sources = [(n, w, runner.slots.identity_of.get(n, "")) for n, w in spec.adapters]
-        identity = hashlib.sha256(repr((spec.combination_type, spec.density, sources)).encode()).hexdigest()
-        info = AdapterInfo(Path(), int(cfg.r), float(cfg.lora_alpha), tuple(sorted(cfg.target_modules)), "", 0)
+    write_folder(peft, name, folder)
+    info = describe_adapter(folder)
+    identity = info.sha256
     tensors = {k: v.detach().to("cpu") for k, v in get_peft_model_state_dict(peft, adapter_name=name).items()}
     return prepare(name, AdapterFiles(info, cfg, tensors), runner.pool, runner.slots.model_modules), identity

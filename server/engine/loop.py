@@ -3,9 +3,9 @@
 Owns: the queue of submitted requests, their life in the scheduler (waiting, running,
 preempted), one step per turn of the loop — schedule (`scheduler.py`) → one packed forward over
 KV blocks and LoRA slots (`runner.py`) → sample → append → emit — aborts and deadlines, and the
-adapter commands, which change the LoRA slots only between steps. Tokens go back to each
-request's asyncio queue through `loop.call_soon_threadsafe`, so the event loop never waits on
-torch.
+adapter commands, which change the LoRA slots only between steps. Each step's sampled tokens
+go as one batch to the output thread (`output.py`), which detokenizes, finds stop strings and
+wakes each request's asyncio queue, so neither the event loop nor the engine waits on the other.
 
 Why one thread: after the main thread has run a parallel torch op, forwards on another thread
 ran 1.5x slower here (facts.md); so the engine thread loads the model itself and does every
@@ -37,10 +37,11 @@ from ..lora.weights import AdapterInfo, read_adapter
 from ..model import LoadedModel, load_model
 from .blocks import BlockManager, KVSeq
 from .loading import file_key, pool_blocks, prepare_blend
+from .output import ErrorOut, OutputProcessor, Sink, TokenOut
 from .runner import ModelRunner, StepItem
 from .sampling import RowState, make_generator, sample
 from .scheduler import Budget, Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, token_finish
 from .tokens import HFPromptTokenizer
 from .types import EngineStats, GenerationEvent, GenerationRequest
 
@@ -50,8 +51,7 @@ log = logging.getLogger("loraplex.engine")
 @dataclass
 class _Pending:
     request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    sink: Sink
     submitted: float = field(default_factory=time.monotonic)
     waited: bool = False            # counted once in admission_waits
 
@@ -61,10 +61,11 @@ class _Live:
     """A request inside the scheduler: where its events go, its text, sampler and KV state."""
 
     pending: _Pending
-    seq: Sequence
-    sampler: RowState
+    seq: Sequence                   # text and stop strings: the output thread's, once created
+    sampler: RowState               # its output_ids are the engine thread's own copy
     kv: KVSeq
-    slot: int                       # LoRA slot, -1 for the base model
+    slot: int                       # LoRA slot, -1 for the base model (and for a mix)
+    mix: tuple[tuple[int, float], ...] = ()  # a per-request mix: (slot, weight) per source
     started: bool = False           # scheduled at least once (queue_time sent)
 
     @property
@@ -121,7 +122,8 @@ class TorchEngine:
         self._thread: threading.Thread | None = None
         self._runner: ModelRunner | None = None
         self._prompt_tok: HFPromptTokenizer | None = None
-        self._decoder: HFPromptTokenizer | None = None
+        self._decoder: HFPromptTokenizer | None = None   # the output thread's
+        self._out: OutputProcessor | None = None
         self._context = 0
         self._eos: list[int] = []
 
@@ -172,7 +174,7 @@ class TorchEngine:
                                  f"({request.params.max_tokens}) needs {need} KV-cache tokens; this server's KV pool "
                                  f"holds {cap} (engine.kv_cache_memory / engine.max_kv_tokens)",
                                  param="max_tokens", code="kv_cache_too_small")
-        pending = _Pending(request, asyncio.get_running_loop(), asyncio.Queue())
+        pending = _Pending(request, Sink(asyncio.get_running_loop(), asyncio.Queue()))
         with self._lock:
             if len(self._waiting) + self._stats.waiting >= self.cfg.max_waiting_requests:
                 raise Overloaded(f"{len(self._waiting) + self._stats.waiting} requests are waiting (engine.max_waiting_requests="
@@ -180,7 +182,7 @@ class TorchEngine:
             self._waiting.append(pending)
             self._active.add(request.request_id)
         self._wakeup.set()
-        return self._events(request.request_id, pending.queue)
+        return self._events(request.request_id, pending.sink.queue)
 
     async def _events(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[GenerationEvent]:
         done = False
@@ -232,7 +234,7 @@ class TorchEngine:
             return prepared
         return (await self._off_thread(load)).files.info
 
-    async def create_blend(self, name: str, spec: BlendSpec, folder: Path | None) -> AdapterInfo:
+    async def create_blend(self, name: str, spec: BlendSpec, folder: Path) -> AdapterInfo:
         runner = self._runner
 
         prepared, identity = await self._off_thread(lambda: prepare_blend(runner, name, spec, folder))
@@ -280,12 +282,16 @@ class TorchEngine:
             blocks = pool_blocks(self.cfg, self.model_cfg, loaded)
             self._runner = ModelRunner(loaded, slots=self.num_slots, num_blocks=blocks,
                                        block_size=self.cfg.block_size, lora_backend=self.cfg.lora_backend,
-                                       attention=self.cfg.attention_backend, host_adapters=self.host_adapters)
+                                       attention=self.cfg.attention_backend, host_adapters=self.host_adapters,
+                                       cuda_graphs=self.cfg.cuda_graphs, max_rows=self.cfg.max_batch_size,
+                                       max_len=loaded.context_length)
             log.info("packed-forward self-check passed (max logit difference %.2g)", self._runner.self_check())
             self._blocks = BlockManager(blocks, self.cfg.block_size, prefix_caching=self.cfg.prefix_caching)
             self._sched = Scheduler(self._blocks, self._budget)
             self._prompt_tok = HFPromptTokenizer(loaded.tokenizer)
             self._decoder = self._prompt_tok.clone()
+            self._out = OutputProcessor(self._decoder.token_text, self.abort)
+            self._out.start()
             self._context, self._eos, self.model_id = loaded.context_length, loaded.eos_token_ids, loaded.model_id
             self._report(0)
         except BaseException as e:
@@ -307,6 +313,7 @@ class TorchEngine:
         err = NotReady("the server is shutting down", code="shutting_down")
         self._fail(list(self._live.values()), err)
         self._fail_waiting(err)
+        self._out.close()
         self._loader_pool.shutdown(wait=False, cancel_futures=True)
 
     def _intake(self) -> None:
@@ -321,16 +328,22 @@ class TorchEngine:
                 with self._lock:
                     self._finish(req.request_id)
                 continue
-            if req.adapter is not None and req.adapter not in slots.slot_of:
-                self._fail_pending([p], NotFound(f"adapter {req.adapter!r} is not loaded", code="model_not_found"))
+            names = ([req.adapter] if req.adapter is not None else []) + [n for n, _ in req.mix]
+            missing = [n for n in names if n not in slots.slot_of]
+            if missing:  # the registry leases what a request names: this is a bug upstream
+                self._fail_pending([p], NotFound(f"adapter {missing[0]!r} is not loaded", code="model_not_found"))
                 continue
             seq = Sequence(req, self._decoder, self._eos)
-            sampler = RowState(req.params, req.prompt_ids, seq.output_ids, frozenset(seq.stop_ids),
+            sampler = RowState(req.params, req.prompt_ids, [], frozenset(seq.stop_ids),
                                make_generator(req.params.seed, self._runner.device))
-            kv = KVSeq(req.request_id, list(req.prompt_ids),
-                       identity=slots.identity_of[req.adapter] if req.adapter is not None else "")
+            if req.mix:  # its prefix-cache identity: the sources' identities and weights
+                identity = "mix:" + ",".join(f"{slots.identity_of[n]}*{w!r}" for n, w in req.mix)
+            else:
+                identity = slots.identity_of[req.adapter] if req.adapter is not None else ""
+            kv = KVSeq(req.request_id, list(req.prompt_ids), identity=identity)
             slot = slots.slot_of[req.adapter] if req.adapter is not None else -1
-            self._live[req.request_id] = _Live(p, seq, sampler, kv, slot)
+            mix = slots.mix_slots(req.mix) if req.mix else ()
+            self._live[req.request_id] = _Live(p, seq, sampler, kv, slot, mix)
             self._sched.add(kv)
 
     def _reap(self) -> None:
@@ -358,18 +371,12 @@ class TorchEngine:
         self._active.discard(request_id)
         self._aborted.discard(request_id)
 
-    def _emit(self, p: _Pending, ev: GenerationEvent) -> None:
-        try:
-            p.loop.call_soon_threadsafe(p.queue.put_nowait, ev)
-        except RuntimeError:  # the event loop is closed: nobody is listening
-            pass
-
     def _fail_pending(self, items: list[_Pending], err: Exception) -> None:
         with self._lock:
             for p in items:
                 self._finish(p.request.request_id)
-        for p in items:
-            self._emit(p, GenerationEvent(p.request.request_id, error=err))
+        # Through the output thread, so an error never overtakes a request's earlier tokens.
+        self._out.put([ErrorOut(p.sink, p.request.request_id, err) for p in items])
 
     def _fail(self, lives: list[_Live], err: Exception) -> None:
         for lv in lives:
@@ -398,7 +405,7 @@ class TorchEngine:
         t0 = time.perf_counter()
         lives = [self._live[kv.seq_id] for kv, _ in step.items]
         items = [StepItem(kv.tokens[kv.num_computed:kv.num_computed + n], kv.num_computed, kv.block_table, lv.slot,
-                          kv.num_computed + n == len(kv)) for (kv, n), lv in zip(step.items, lives)]
+                          kv.num_computed + n == len(kv), lv.mix) for (kv, n), lv in zip(step.items, lives)]
         try:
             logits = self._runner.run(items)
             sched.done(step)
@@ -410,25 +417,31 @@ class TorchEngine:
         return True
 
     def _sample_and_emit(self, lives: list[_Live], logits, now: float) -> None:
-        """One token per sequence that reached its last token; send its event; end finished ones."""
+        """One token per sequence that reached its last token; hand the step's tokens to the
+        output thread in one batch; end the sequences a token rule finished."""
         if not lives:
             return
-        picks = sample(logits, [lv.sampler for lv in lives], self._decoder.token_text)
+        picks = sample(logits, [lv.sampler for lv in lives], _unnamed)  # the output thread names tokens
         with self._lock:
             aborted = {lv.request_id for lv in lives if lv.request_id in self._aborted}
+        batch: list[TokenOut | ErrorOut] = []
         for lv, (tok, lp) in zip(lives, picks):
             if lv.request_id in aborted:
                 continue  # _reap ends it before the next step
             lv.kv.tokens.append(tok)
-            ev = lv.seq.append(tok, lp)
+            out = lv.sampler.output_ids
+            out.append(tok)
+            finished = token_finish(lv.sampler.params, lv.sampler.stop_ids, tok, len(out)) is not None
+            queue_time = None
             if not lv.started:
                 lv.started = True
-                ev.queue_time = now - lv.pending.submitted
-            self._emit(lv.pending, ev)
-            if lv.seq.finished:
+                queue_time = now - lv.pending.submitted
+            batch.append(TokenOut(lv.pending.sink, lv.seq, tok, lp, finished, queue_time))
+            if finished:
                 self._drop(lv)
                 with self._lock:
                     self._finish(lv.request_id)
+        self._out.put(batch)
 
     def _report(self, tokens: int, t0: float | None = None) -> None:
         b, sched = self._blocks, self._sched
@@ -441,6 +454,10 @@ class TorchEngine:
             preemptions=self._preemptions)
         if self.on_step is not None and tokens and t0 is not None:
             self.on_step(running, time.perf_counter() - t0)
+
+
+def _unnamed(token_id: int) -> str:
+    return ""
 
 
 def _timeout() -> RequestTimeout:

@@ -72,8 +72,8 @@ class Engine(Protocol):
         Raises InvalidAdapter (nothing attached) when it is refused."""
         ...
 
-    async def create_blend(self, name: str, spec: BlendSpec, folder: Path | None) -> AdapterInfo:
-        """Blend attached adapters into a new one named `name`; write it to `folder` if given."""
+    async def create_blend(self, name: str, spec: BlendSpec, folder: Path) -> AdapterInfo:
+        """Blend attached adapters into a new one named `name`, written to `folder`, and load it."""
         ...
 
     async def unload_adapter(self, name: str) -> None: ...

@@ -7,7 +7,9 @@ many sequences become one flat row of tokens with explicit positions, cache slot
 slot per token; one forward; logits for the sequences that reached their last token.
 
 Tokens are ordered by LoRA slot inside the step (each sequence's tokens stay together), so each
-adapter's tokens are one contiguous range. It knows nothing of requests, text or HTTP:
+adapter's tokens are one contiguous range. On CUDA with `engine.cuda_graphs`, a decode-only step
+instead fills fixed buffers and replays a captured graph (`graphs.py`), verified against this
+packed path at start-up and switched off (with a warning) if they differ. It knows nothing of requests, text or HTTP:
 sequences are token ids, positions, block tables and slot numbers.
 """
 
@@ -23,6 +25,7 @@ from ..lora.pool import LoraBatch, LoraPool
 from ..lora.slots import AdapterSlots
 from ..model import LoadedModel
 from .attention import BACKENDS as ATTENTION, NAME as ATTN_NAME, AttnBatch, KVPool, SeqSpan, StepContext, register
+from .graphs import DecodeGraphs
 
 log = logging.getLogger("loraplex.runner")
 
@@ -40,6 +43,7 @@ class StepItem:
     block_table: list[int]
     slot: int = -1                  # LoRA slot, -1 for the base model
     sample: bool = True             # the chunk ends at the sequence's last token: return its logits
+    mix: tuple[tuple[int, float], ...] = ()  # a per-request mix: (slot, weight) pairs (slot is then -1)
 
 
 def model_geometry(config) -> tuple[int, int, int]:
@@ -61,7 +65,8 @@ def check_architecture(model) -> None:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, *, slots: int, num_blocks: int, block_size: int,
-                 lora_backend: str = "auto", attention: str = "batched", host_adapters: int = 0):
+                 lora_backend: str = "auto", attention: str = "batched", host_adapters: int = 0,
+                 cuda_graphs: bool = False, max_rows: int = 32, max_len: int = 2048):
         if attention not in ATTENTION:
             raise ConfigError(f"engine.attention_backend: {attention!r} is not one of {sorted(ATTENTION)}")
         self.loaded = loaded
@@ -79,6 +84,11 @@ class ModelRunner:
         self.pool.wrap(self.model, exclude={id(head)} if head is not None else set())
         self.slots = AdapterSlots(self.pool, self.model, host_adapters)
         self._offsets = torch.arange(block_size)
+        # Only on CUDA: on a CPU there is nothing to capture, and the packed step is faster there.
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self, max_rows=max_rows, max_len=min(max_len, num_blocks * block_size),
+                                       capture=True)
 
     @property
     def adapters(self) -> set[str]:
@@ -91,10 +101,17 @@ class ModelRunner:
         bt = torch.tensor(table[:-(-upto // self.block_size)], dtype=torch.long)
         return (bt.unsqueeze(1) * self.block_size + self._offsets).reshape(-1)[:upto]
 
-    @torch.inference_mode()
     def run(self, items: list[StepItem]) -> torch.Tensor:
         """One forward over every item; (number of items with sample=True, vocab) logits, in item order."""
-        order = sorted(range(len(items)), key=lambda i: items[i].slot)
+        if self.graphs is not None and self.graphs.fits(items):
+            return self.graphs.run(items)
+        return self.run_packed(items)
+
+    @torch.inference_mode()
+    def run_packed(self, items: list[StepItem]) -> torch.Tensor:
+        """The packed step (any mix of prompt chunks and decodes), never a graph."""
+        # Mixes last: their segments overlap (one per source over the same tokens).
+        order = sorted(range(len(items)), key=lambda i: (bool(items[i].mix), items[i].slot))
         ids, pos, slot_map, spans, segments, keep = [], [], [], [], [], {}
         t = 0
         for i in order:
@@ -106,10 +123,11 @@ class ModelRunner:
             ids.extend(it.tokens)
             pos.extend(range(it.pos, it.pos + n))
             if it.slot >= 0:
-                if segments and segments[-1][0] == it.slot and segments[-1][2] == t:
-                    segments[-1] = (it.slot, segments[-1][1], t + n)
+                if segments and segments[-1][0] == it.slot and segments[-1][2] == t and segments[-1][3] == 1.0:
+                    segments[-1] = (it.slot, segments[-1][1], t + n, 1.0)
                 else:
-                    segments.append((it.slot, t, t + n))
+                    segments.append((it.slot, t, t + n, 1.0))
+            segments.extend((slot, t, t + n, w) for slot, w in it.mix)
             if it.sample:
                 keep[i] = t + n - 1
             t += n
@@ -143,12 +161,12 @@ class ModelRunner:
             raise ConfigError(f"the KV pool ({self.num_blocks} blocks) is too small to run the start-up check")
         t_long = list(range(-(-len(long) // bs)))
         t_short = list(range(len(t_long), len(t_long) + -(-len(short) // bs)))
-        alone_long = self.run([StepItem(long, 0, t_long)])[0]
-        alone_short = self.run([StepItem(short, 0, t_short)])[0]
+        alone_long = self.run_packed([StepItem(long, 0, t_long)])[0]
+        alone_short = self.run_packed([StepItem(short, 0, t_short)])[0]
         t_long2, t_short2 = t_long, t_short  # the same blocks again: every slot is rewritten before it is read
         cut = bs + 1
-        self.run([StepItem(long[:cut], 0, t_long2, sample=False)])
-        both = self.run([StepItem(long[cut:], cut, t_long2), StepItem(short, 0, t_short2)])
+        self.run_packed([StepItem(long[:cut], 0, t_long2, sample=False)])
+        both = self.run_packed([StepItem(long[cut:], cut, t_long2), StepItem(short, 0, t_short2)])
         diff = max(float((both[0] - alone_long).abs().max()), float((both[1] - alone_short).abs().max()))
         tol = 1e-3 if self.dtype == torch.float32 and self.loaded.quantization == "none" else 0.25
         scale = max(1.0, float(alone_long.abs().max()))
@@ -156,4 +174,17 @@ class ModelRunner:
             arch = ", ".join(getattr(self.model.config, "architectures", None) or [type(self.model).__name__])
             raise ConfigError(f"model architecture {arch} is not supported: a packed, chunked forward differs "
                               f"from a single one by {diff:.3g}, so batched answers would be wrong")
+        if self.graphs is not None:
+            # One decode for each prompt, packed and then from the graph (the same keys are written twice).
+            step = [StepItem([long[0]], len(long), t_long), StepItem([short[0]], len(short), t_short)]
+            try:
+                gdiff = float((self.graphs.run(step) - self.run_packed(step)).abs().max())
+            except Exception as e:  # a model or kernel that cannot be captured
+                gdiff, why = float("inf"), f"{type(e).__name__}: {e}"
+            else:
+                why = f"it differs from the packed step by {gdiff:.3g}"
+            if not gdiff <= tol * scale:
+                log.warning("CUDA graphs are off (engine.cuda_graphs): the captured decode step failed its "
+                            "check, %s", why)
+                self.graphs = None
         return diff

@@ -12,7 +12,16 @@ from __future__ import annotations
 from typing import Iterable
 
 from .detokenize import Decoder, IncrementalDetokenizer
-from .types import GenerationEvent, GenerationRequest, TokenLogprob
+from .types import GenerationEvent, GenerationRequest, SamplingParams, TokenLogprob
+
+
+def token_finish(params: SamplingParams, stop_ids: set[int] | frozenset[int], token_id: int, n: int) -> str | None:
+    """The rules that need no text, for the n-th generated token: "stop" (an end-of-sequence or
+    stop token id, once min_tokens are out), "length" (max_tokens reached) or None. The engine
+    thread applies them to free a sequence at once; stop strings are found later, on text."""
+    if token_id in stop_ids and n > params.min_tokens:
+        return "stop"
+    return "length" if n >= params.max_tokens else None
 
 
 class Sequence:
@@ -43,8 +52,8 @@ class Sequence:
         assert self.finish_reason is None, "append after finish"
         self.output_ids.append(token_id)
         n = len(self.output_ids)
-        text = ""
-        if token_id in self.stop_ids and n > self.params.min_tokens:
+        rule = token_finish(self.params, self.stop_ids, token_id, n)
+        if rule == "stop":
             # The end-of-sequence token itself carries no text.
             self.finish_reason = "stop"
             text = self.detok.flush()
@@ -52,7 +61,7 @@ class Sequence:
             text = self.detok.add(token_id)
             if self.detok.stopped:
                 self.finish_reason = "stop"
-            elif n >= self.params.max_tokens:
+            elif rule == "length":
                 self.finish_reason = "length"
                 text += self.detok.flush()
         return GenerationEvent(

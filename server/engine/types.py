@@ -38,6 +38,9 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None = None      # None = the base model
+    # A per-request mix on the base: (adapter, weight) pairs; the row gets the sum of each
+    # adapter's delta times its weight, which is PEFT's "cat" blend of them (adapter is then None).
+    mix: tuple[tuple[str, float], ...] = ()
     deadline: float | None = None   # time.monotonic() after which the engine ends it with RequestTimeout
 
 

@@ -3,24 +3,33 @@
 Owns: the slot buffers and the layers that read them. At start-up every linear layer of the
 model's blocks is wrapped once in a `SlotLinear` (the module tree never changes afterwards);
 each targeted layer gets, on first use, stacked buffers in the compute dtype
-    A: (slots, r_cap, in)   B: (slots, r_cap, out)   (scale folded into B; ranks zero-padded)
-and a rank per slot (0: this slot's adapter does not target the layer). Loading an adapter is one
+    A: (slots + 1, r_cap, in)   B: (slots + 1, r_cap, out)   (scale folded into B; ranks zero-padded)
+(the extra slot, index `slots`, is never written: the zero adapter of base rows on the per-token
+path) and a rank per slot (0: this slot's adapter does not target the layer). Loading an adapter is one
 copy into a free slot (everything of the slot is overwritten, so nothing of the adapter that had
 it before can leak); unloading marks it free. `r_cap` grows (a one-off copy) when a higher rank
 arrives.
 
 Per step the runner passes a `LoraBatch`: the step's tokens are ordered so that each slot's
-tokens are contiguous, and `segments` lists (slot, start, end) for the tokens with an adapter.
+tokens are contiguous, and `segments` lists (slot, start, end, weight) for the tokens with an
+adapter. A per-request mix is several segments over the same tokens, one per source slot, each
+with its weight (an ordinary adapter's weight is 1.0; a 3-tuple means that).
+A static-shape decode step (CUDA graphs, `server/engine/graphs.py`) passes instead
+`token_slots`, one slot index per token (the zero slot for the base): no Python-side layout,
+so the step can be captured once and replayed. `version` grows whenever a buffer is replaced
+(a new layer's first adapter, a rank increase), which is when a captured step must be redone.
 
 Semantics (the reference, backend "loop"):
-    for each token t with slot s(t) that targets this layer:
-        y[t] += B[s]^T @ (A[s] @ x[t])          (B already holds scale[s] * lora_B)
+    for each segment (s, start, end, w) whose slot targets this layer, each token t in it:
+        y[t] += w * B[s]^T @ (A[s] @ x[t])      (B already holds scale[s] * lora_B)
 Backends (a registry):
 - "loop": the per-token loop above; slow, the oracle.
 - "segments": two matmuls per segment, at the slot's own rank (Punica's SGMV in plain torch).
 - "gathered": the segments padded into one block (n, m, in), two batched matmuls against the
   slots' stacked weights (n, r, in) / (n, r, out); when the segments are equal and contiguous the
   block is a plain view, else padding rows read zeros and their outputs are dropped, never added.
+- per token (`token_slots`; not in the registry, it takes a tensor, not segments): each token's
+  own slot's A and B gathered, two batched matrix-vector products (Punica's BGMV in plain torch).
 "auto" takes "segments" for at most two segments, else "gathered". No backend ever multiplies a
 token by another adapter's weights: a NaN or inf in one adapter reaches only its own tokens.
 
@@ -51,10 +60,14 @@ def features(module: Any) -> tuple[int, int] | None:
 class LoraBatch:
     """One step's adapter layout: contiguous token ranges per slot."""
 
-    segments: list[tuple[int, int, int]]    # (slot, start, end), slots >= 0, starts increasing
+    segments: list[tuple]                   # (slot, start, end[, weight]), slots >= 0, starts non-decreasing
     tokens: int
     device: torch.device
+    token_slots: torch.Tensor | None = None  # (T,) long, the per-token path: then segments are unused
     _cache: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.segments = [seg if len(seg) == 4 else (*seg, 1.0) for seg in self.segments]
 
     def memo(self, key: Any, build: Callable[[], Any]) -> Any:
         """Index tensors shared by every layer with the same targeted segments: built once per step."""
@@ -74,7 +87,7 @@ class PoolLayer:
         self.B: torch.Tensor | None = None
         self._sel: tuple | None = None  # (key, A_sel, B_sel) for "gathered", valid until a load
 
-    def targeted(self, segments: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    def targeted(self, segments: list[tuple]) -> list[tuple]:
         rank = self.rank
         return [seg for seg in segments if rank[seg[0]]]
 
@@ -91,7 +104,13 @@ class SlotLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         batch = self._pool[0].batch
-        if batch is None or not batch.segments or self.layer.A is None:
+        if batch is None or self.layer.A is None:
+            return out
+        if batch.token_slots is not None:
+            self._pool[0].per_token(self.layer, x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]),
+                                    batch.token_slots)
+            return out
+        if not batch.segments:
             return out
         segs = self.layer.targeted(batch.segments)
         if segs:
@@ -108,6 +127,7 @@ class LoraPool:
             raise ValueError(f"unknown LoRA backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
         self.slots, self.dtype, self.device, self.backend = slots, dtype, device, backend
         self.r_cap = 0
+        self.version = 0                      # grows when any buffer is replaced (captured graphs go stale)
         self.layers: dict[str, PoolLayer] = {}
         self.batch: LoraBatch | None = None   # set by the runner for the length of one forward
 
@@ -130,12 +150,13 @@ class LoraPool:
             new *= 2
         for layer in self.layers.values():
             if layer.A is not None:
-                A = layer.A.new_zeros((self.slots, new, layer.fin))
-                B = layer.B.new_zeros((self.slots, new, layer.fout))
+                A = layer.A.new_zeros((self.slots + 1, new, layer.fin))
+                B = layer.B.new_zeros((self.slots + 1, new, layer.fout))
                 A[:, :self.r_cap] = layer.A
                 B[:, :self.r_cap] = layer.B
                 layer.A, layer.B, layer._sel = A, B, None
         self.r_cap = new
+        self.version += 1
 
     def write(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put an adapter into `slot`: weights maps layer path -> (A (r, in), B_scaled (r, out)).
@@ -154,8 +175,9 @@ class LoraPool:
                 continue
             a, b = w
             if layer.A is None:
-                layer.A = torch.zeros((self.slots, self.r_cap, layer.fin), dtype=self.dtype, device=self.device)
-                layer.B = torch.zeros((self.slots, self.r_cap, layer.fout), dtype=self.dtype, device=self.device)
+                layer.A = torch.zeros((self.slots + 1, self.r_cap, layer.fin), dtype=self.dtype, device=self.device)
+                layer.B = torch.zeros((self.slots + 1, self.r_cap, layer.fout), dtype=self.dtype, device=self.device)
+                self.version += 1
             r = a.shape[0]
             layer.A[slot].zero_()
             layer.B[slot].zero_()
@@ -167,14 +189,19 @@ class LoraPool:
     def clear(self, slot: int) -> None:
         self.write(slot, {})
 
+    @property
+    def zero_slot(self) -> int:
+        """The slot that stays zero: base rows' index on the per-token path."""
+        return self.slots
+
     # -- compute ------------------------------------------------------------------------------
-    def choose(self, segs: list[tuple[int, int, int]]) -> str:
+    def choose(self, segs: list[tuple]) -> str:
         if self.backend != "auto":
             return self.backend
         return "segments" if len(segs) <= 2 else "gathered"
 
     def compute(self, name: str, layer: PoolLayer, x2: torch.Tensor, out2: torch.Tensor,
-                segs: list[tuple[int, int, int]], batch: LoraBatch) -> None:
+                segs: list[tuple], batch: LoraBatch) -> None:
         if x2.dtype != self.dtype:
             x2 = x2.to(self.dtype)
         if out2.dtype != self.dtype:  # accumulate in the pool's dtype, add back once
@@ -184,19 +211,28 @@ class LoraPool:
         else:
             BACKENDS[name](layer, x2, out2, segs, batch)
 
+    def per_token(self, layer: PoolLayer, x2: torch.Tensor, out2: torch.Tensor, token_slots: torch.Tensor) -> None:
+        """y[t] += B[s(t)]^T @ (A[s(t)] @ x[t]) for every token, at the full r_cap (zero-padded ranks
+        add zeros; base tokens read the zero slot): fixed shapes, no host work, capturable."""
+        a = layer.A.index_select(0, token_slots)                       # (T, r, in)
+        b = layer.B.index_select(0, token_slots)                       # (T, r, out)
+        h = torch.bmm(a, x2.to(self.dtype).unsqueeze(-1))              # (T, r, 1)
+        delta = torch.bmm(h.transpose(1, 2), b).squeeze(1)            # (T, out)
+        out2.add_(delta.to(out2.dtype))
+
 
 def _loop(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
-    for slot, s, e in segs:
+    for slot, s, e, w in segs:
         r = layer.rank[slot]
         A, B = layer.A[slot, :r], layer.B[slot, :r]
         for t in range(s, e):
-            out2[t] += B.T @ (A @ x2[t])
+            out2[t] += w * (B.T @ (A @ x2[t]))
 
 
 def _segments(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
-    for slot, s, e in segs:
+    for slot, s, e, w in segs:
         r = layer.rank[slot]
-        out2[s:e].addmm_(torch.mm(x2[s:e], layer.A[slot, :r].T), layer.B[slot, :r])
+        out2[s:e].addmm_(torch.mm(x2[s:e], layer.A[slot, :r].T), layer.B[slot, :r], alpha=w)
 
 
 def _gathered(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
@@ -211,20 +247,24 @@ def _gathered(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
         sel = layer._sel = ((slots, r), a_sel, b_sel)
     _, a_sel, b_sel = sel
     n = len(segs)
-    lengths = [e - s for _, s, e in segs]
+    lengths = [seg[2] - seg[1] for seg in segs]
     m = max(lengths)
     start = segs[0][1]
-    contiguous = all(segs[i][2] == segs[i + 1][1] for i in range(n - 1))
+    contiguous = all(segs[i][2] == segs[i + 1][1] for i in range(n - 1))  # never true of a mix's overlaps
+    weights = tuple(seg[3] for seg in segs)
+    wt = None if all(w == 1.0 for w in weights) else batch.memo(
+        ("w", weights), lambda: torch.tensor(weights, dtype=a_sel.dtype, device=x2.device).view(n, 1, 1))
     if contiguous and min(lengths) == m:
         xb = x2[start:start + n * m].view(n, m, -1)
         ob = out2[start:start + n * m].view(n, m, -1)
-        ob.baddbmm_(torch.bmm(xb, a_sel), b_sel)
+        h = torch.bmm(xb, a_sel)
+        ob.baddbmm_(h if wt is None else h.mul_(wt), b_sel)
         return
 
     def build():
         gather, src, dst = [], [], []
         pad = batch.tokens                      # index of the zero row appended below
-        for i, (_, s, e) in enumerate(segs):
+        for i, (_, s, e, _w) in enumerate(segs):
             rows = list(range(s, e))
             gather += rows + [pad] * (m - len(rows))
             src += range(i * m, i * m + len(rows))
@@ -234,7 +274,8 @@ def _gathered(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
     gather, src, dst = batch.memo(("g", key), build)
     xz = torch.cat([x2, x2.new_zeros((1, x2.shape[1]))])
     xb = xz.index_select(0, gather).view(n, m, -1)
-    delta = torch.bmm(torch.bmm(xb, a_sel), b_sel).view(n * m, -1)
+    h = torch.bmm(xb, a_sel)
+    delta = torch.bmm(h if wt is None else h.mul_(wt), b_sel).view(n * m, -1)
     out2.index_add_(0, dst, delta.index_select(0, src))  # padding rows' outputs are never added
 
 

@@ -175,6 +175,16 @@ class AdapterSlots:
             self.pool.clear(slot)
             return self.identity_of.pop(name), self.loaded.pop(name)
 
+    def mix_slots(self, mix: tuple[tuple[str, float], ...]) -> tuple[tuple[int, float], ...]:
+        """A per-request mix of loaded adapters as (slot, weight) pairs whose weighted sum of slot
+        deltas is exactly PEFT's "cat" blend of them: cat stacks weight_i * scale_i * A_i with B_i
+        (each slot's B already carries scale_i, so the slot counts weight_i times) and gives the
+        blend lora_alpha = r = the sum of the ranks, so its own scale is 1, or sqrt(that sum)
+        when the first adapter's config uses rsLoRA (the blend's config is a copy of the first's)."""
+        configs = [self.loaded[n].files.config for n, _ in mix]
+        factor = math.sqrt(sum(int(c.r) for c in configs)) if configs[0].use_rslora else 1.0
+        return tuple((self.slot_of[n], float(w) * factor) for n, w in mix)
+
     # -- blends (any thread) -------------------------------------------------------------------
     def workbench(self) -> nn.Module:
         """A module tree with the model's paths whose leaves are the base's own linear layers

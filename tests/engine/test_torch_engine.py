@@ -1,6 +1,7 @@
 """The real engine on a tiny random Llama: greedy equals transformers/PEFT, stops, seeds, aborts."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -109,6 +110,12 @@ def test_stop_string_cuts_and_is_not_returned(engine):
     [cut] = run(engine, req(engine, "cut", PROMPTS[2], max_tokens=20, ignore_eos=True, stop=(stop,)))
     assert cut["finish"] == "stop"
     assert cut["text"] == text[: text.index(stop)]
+    # The stop string is found on the output thread, which then ends the request in the engine.
+    for _ in range(100):
+        if not engine._live and not engine._active:
+            break
+        time.sleep(0.02)
+    assert not engine._live and not engine._active
 
 
 def test_seed_gives_same_sample(engine):
@@ -130,6 +137,9 @@ def test_logprobs_match_the_model(engine, tiny_model_dir):
     assert lp.token_id == int(ref.argmax())
     assert abs(lp.logprob - float(ref.max())) < 1e-4
     assert [t for t, _, _ in lp.top] == ref.topk(3).indices.tolist()
+    # Token texts are filled in on the output thread.
+    assert lp.token == engine.tokenizer.token_text(lp.token_id)
+    assert [t for _, t, _ in lp.top] == [engine.tokenizer.token_text(i) for i, _, _ in lp.top]
 
 
 def test_leaving_early_aborts_the_request(engine):

@@ -30,10 +30,13 @@ def peft_model():
     return peft.eval()
 
 
+PER_TOKEN = "per_token"  # the fixed-shape path of CUDA-graph decode steps (LoraBatch.token_slots)
+
+
 def slotted(peft_model, backend, slots=4):
     """A copy of the base with its linears in slots, and the three adapters loaded in slots 0..2."""
     model = tiny_llama(300)  # the same seed: the same base weights as the PEFT model's
-    pool = LoraPool(slots, torch.float32, torch.device("cpu"), backend)
+    pool = LoraPool(slots, torch.float32, torch.device("cpu"), "loop" if backend == PER_TOKEN else backend)
     pool.wrap(model, exclude={id(model.lm_head)})
     modules = {n for n, _ in model.named_modules()}
     for slot, name in enumerate(CONFIGS):
@@ -51,9 +54,16 @@ def segments(rows, tokens, slot_of):
     return segs
 
 
-def forward(model, pool, ids, rows):
+def lora_batch(pool, rows, tokens, slot_of, per_token=False):
+    if per_token:  # one slot index per token; the base reads the pool's zero slot
+        idx = torch.tensor([slot_of.get(a, pool.zero_slot) for a in rows for _ in range(tokens)])
+        return LoraBatch([], len(rows) * tokens, torch.device("cpu"), token_slots=idx)
+    return LoraBatch(segments(rows, tokens, slot_of), len(rows) * tokens, torch.device("cpu"))
+
+
+def forward(model, pool, ids, rows, per_token=False):
     slot_of = {n: i for i, n in enumerate(CONFIGS)}
-    pool.batch = LoraBatch(segments(rows, ids.shape[1], slot_of), ids.numel(), torch.device("cpu"))
+    pool.batch = lora_batch(pool, rows, ids.shape[1], slot_of, per_token)
     try:
         with torch.no_grad():
             return model(input_ids=ids).logits
@@ -61,14 +71,14 @@ def forward(model, pool, ids, rows):
         pool.batch = None
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS) + ["auto"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS) + ["auto", PER_TOKEN])
 def test_backends_equal_peft(peft_model, backend):
     torch.manual_seed(0)
     ids = torch.randint(0, 300, (len(ROWS), 7))
     with torch.no_grad():
         ref = peft_model(input_ids=ids, adapter_names=ROWS).logits
     model, pool = slotted(peft_model, backend)
-    ours = forward(model, pool, ids, ROWS)
+    ours = forward(model, pool, ids, ROWS, per_token=backend == PER_TOKEN)
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
     with torch.no_grad():
         plain = model(input_ids=ids).logits  # no step context: the base alone
@@ -108,7 +118,7 @@ def test_a_new_adapter_in_a_freed_slot_never_sees_its_predecessor(peft_model):
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", sorted(BACKENDS) + [PER_TOKEN])
 def test_nan_and_inf_in_one_adapter_reach_no_other_row(peft_model, backend):
     """Inserted below the validator: slot 3 holds inf and NaN. Base and clean rows beside it are
     exactly what they are without it (no product over another adapter's weights)."""
@@ -124,7 +134,7 @@ def test_nan_and_inf_in_one_adapter_reach_no_other_row(peft_model, backend):
     want = forward(model, pool, ids, clean)
     slot_of = {n: i for i, n in enumerate(CONFIGS)} | {"bad": 3}
     for rows in (["alpha", "bad", "gamma", "alpha"], ["bad", "__base__", "gamma", "alpha"]):
-        pool.batch = LoraBatch(segments(rows, 3, slot_of), 12, torch.device("cpu"))
+        pool.batch = lora_batch(pool, rows, 3, slot_of, per_token=backend == PER_TOKEN)
         try:
             with torch.no_grad():
                 got = model(input_ids=ids).logits
@@ -134,3 +144,24 @@ def test_nan_and_inf_in_one_adapter_reach_no_other_row(peft_model, backend):
             if r != "bad":
                 assert torch.isfinite(got[i]).all()
                 assert torch.allclose(got[i], want[i], atol=1e-5), (rows, i)
+
+
+@pytest.mark.parametrize("backend", ["segments", "gathered", "auto"])
+def test_weighted_overlapping_segments_of_a_mix_equal_the_loop(peft_model, backend):
+    """A per-request mix is one segment per source over the same tokens, each with its weight."""
+    torch.manual_seed(5)
+    ids = torch.randint(0, 300, (3, 5))
+    segs = [(0, 0, 5), (1, 5, 10, 0.7), (2, 5, 10, -0.4), (0, 10, 15, 0.5)]   # alpha; 0.7 beta - 0.4 gamma; 0.5 alpha
+    outs = {}
+    for name in ("loop", backend):
+        model, pool = slotted(peft_model, name)
+        pool.batch = LoraBatch(segs, 15, torch.device("cpu"))
+        try:
+            with torch.no_grad():
+                outs[name] = model(input_ids=ids.view(1, -1)).logits
+        finally:
+            pool.batch = None
+    assert torch.allclose(outs[backend], outs["loop"], atol=1e-4), (outs[backend] - outs["loop"]).abs().max()
+    model, pool = slotted(peft_model, "loop")
+    plain = forward(model, pool, ids, ["alpha", "__base__", "alpha"])
+    assert not torch.allclose(outs["loop"][0, 5:10], plain.view(1, 15, -1)[0, 5:10], atol=1e-3)
