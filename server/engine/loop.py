@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -35,42 +34,18 @@ from ..lora.blend import BlendSpec
 from ..lora.slots import Prepared, prepare
 from ..lora.weights import AdapterInfo, read_adapter
 from ..model import LoadedModel, load_model
-from .blocks import BlockManager, KVSeq
+from .blocks import BlockManager
+from .live import Live, Pending, admit
 from .loading import file_key, pool_blocks, prepare_blend
 from .output import ErrorOut, OutputProcessor, Sink, TokenOut
 from .runner import ModelRunner, StepItem
-from .sampling import RowState, make_generator, sample
+from .sampling import sample
 from .scheduler import Budget, Scheduler
-from .sequence import Sequence, token_finish
+from .sequence import token_finish
 from .tokens import HFPromptTokenizer
 from .types import EngineStats, GenerationEvent, GenerationRequest
 
 log = logging.getLogger("loraplex.engine")
-
-
-@dataclass
-class _Pending:
-    request: GenerationRequest
-    sink: Sink
-    submitted: float = field(default_factory=time.monotonic)
-    waited: bool = False            # counted once in admission_waits
-
-
-@dataclass(eq=False)
-class _Live:
-    """A request inside the scheduler: where its events go, its text, sampler and KV state."""
-
-    pending: _Pending
-    seq: Sequence                   # text and stop strings: the output thread's, once created
-    sampler: RowState               # its output_ids are the engine thread's own copy
-    kv: KVSeq
-    slot: int                       # LoRA slot, -1 for the base model (and for a mix)
-    mix: tuple[tuple[int, float], ...] = ()  # a per-request mix: (slot, weight) per source
-    started: bool = False           # scheduled at least once (queue_time sent)
-
-    @property
-    def request_id(self) -> str:
-        return self.pending.request.request_id
 
 
 class TorchEngine:
@@ -100,7 +75,7 @@ class TorchEngine:
         # Touched only on the engine thread.
         self._sched: Scheduler | None = None
         self._blocks: BlockManager | None = None
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, Live] = {}
         # Reading and preparing adapters, building blends: off the engine thread (one at a time).
         self._host_keys: dict[str, object] = {}  # adapter name -> its files' key in the host tier
         self._loader_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loraplex-loader")
@@ -110,7 +85,7 @@ class TorchEngine:
         # loop's thread writes (submit, abort, adapter calls) while the engine
         # thread reads and pops them between steps.
         self._lock = threading.Lock()
-        self._waiting: deque[_Pending] = deque()
+        self._waiting: deque[Pending] = deque()
         self._active: set[str] = set()
         self._aborted: set[str] = set()
         self._commands: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
@@ -174,7 +149,7 @@ class TorchEngine:
                                  f"({request.params.max_tokens}) needs {need} KV-cache tokens; this server's KV pool "
                                  f"holds {cap} (engine.kv_cache_memory / engine.max_kv_tokens)",
                                  param="max_tokens", code="kv_cache_too_small")
-        pending = _Pending(request, Sink(asyncio.get_running_loop(), asyncio.Queue()))
+        pending = Pending(request, Sink(asyncio.get_running_loop(), asyncio.Queue()))
         with self._lock:
             if len(self._waiting) + self._stats.waiting >= self.cfg.max_waiting_requests:
                 raise Overloaded(f"{len(self._waiting) + self._stats.waiting} requests are waiting (engine.max_waiting_requests="
@@ -328,23 +303,13 @@ class TorchEngine:
                 with self._lock:
                     self._finish(req.request_id)
                 continue
-            names = ([req.adapter] if req.adapter is not None else []) + [n for n, _ in req.mix]
-            missing = [n for n in names if n not in slots.slot_of]
-            if missing:  # the registry leases what a request names: this is a bug upstream
-                self._fail_pending([p], NotFound(f"adapter {missing[0]!r} is not loaded", code="model_not_found"))
+            try:
+                lv = admit(p, slots, self._decoder, self._eos, self._runner.device)
+            except NotFound as e:
+                self._fail_pending([p], e)
                 continue
-            seq = Sequence(req, self._decoder, self._eos)
-            sampler = RowState(req.params, req.prompt_ids, [], frozenset(seq.stop_ids),
-                               make_generator(req.params.seed, self._runner.device))
-            if req.mix:  # its prefix-cache identity: the sources' identities and weights
-                identity = "mix:" + ",".join(f"{slots.identity_of[n]}*{w!r}" for n, w in req.mix)
-            else:
-                identity = slots.identity_of[req.adapter] if req.adapter is not None else ""
-            kv = KVSeq(req.request_id, list(req.prompt_ids), identity=identity)
-            slot = slots.slot_of[req.adapter] if req.adapter is not None else -1
-            mix = slots.mix_slots(req.mix) if req.mix else ()
-            self._live[req.request_id] = _Live(p, seq, sampler, kv, slot, mix)
-            self._sched.add(kv)
+            self._live[req.request_id] = lv
+            self._sched.add(lv.kv)
 
     def _reap(self) -> None:
         """End aborted requests and those past their deadline; their blocks are freed at once."""
@@ -362,7 +327,7 @@ class TorchEngine:
         if gone or late:
             self._report(0)
 
-    def _drop(self, lv: _Live) -> None:
+    def _drop(self, lv: Live) -> None:
         self._live.pop(lv.request_id, None)
         self._sched.remove(lv.kv)
 
@@ -371,14 +336,14 @@ class TorchEngine:
         self._active.discard(request_id)
         self._aborted.discard(request_id)
 
-    def _fail_pending(self, items: list[_Pending], err: Exception) -> None:
+    def _fail_pending(self, items: list[Pending], err: Exception) -> None:
         with self._lock:
             for p in items:
                 self._finish(p.request.request_id)
         # Through the output thread, so an error never overtakes a request's earlier tokens.
         self._out.put([ErrorOut(p.sink, p.request.request_id, err) for p in items])
 
-    def _fail(self, lives: list[_Live], err: Exception) -> None:
+    def _fail(self, lives: list[Live], err: Exception) -> None:
         for lv in lives:
             self._drop(lv)
         self._fail_pending([lv.pending for lv in lives], err)
@@ -416,7 +381,7 @@ class TorchEngine:
         self._report(step.num_tokens, t0)
         return True
 
-    def _sample_and_emit(self, lives: list[_Live], logits, now: float) -> None:
+    def _sample_and_emit(self, lives: list[Live], logits, now: float) -> None:
         """One token per sequence that reached its last token; hand the step's tokens to the
         output thread in one batch; end the sequences a token rule finished."""
         if not lives:
