@@ -64,10 +64,12 @@ class DecodeGraphs:
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = self.captures = self.recaptures = 0
+        self.failed = False                 # a capture raised: every step runs packed from then on
 
     def fits(self, items: list["StepItem"]) -> bool:
-        return (0 < len(items) <= self.rows[-1] and all(len(it.tokens) == 1 and it.sample and not it.mix
-                                                        for it in items)
+        if self.failed or not 0 < len(items) <= self.rows[-1]:
+            return False
+        return (all(len(it.tokens) == 1 and it.sample and not it.mix for it in items)
                 and max(it.pos for it in items) < self.max_len)
 
     def _shape(self, items: list["StepItem"]) -> tuple[int, int]:
@@ -139,7 +141,9 @@ class DecodeGraphs:
                 self._forward(b)
         torch.cuda.current_stream(self.runner.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool):
+        # thread_local: the loader thread copies adapters into slots meanwhile, which the
+        # default ("global") mode would count as an unsafe call inside this capture.
+        with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
             logits = self._forward(b)
         pool = self.runner.pool
         b.graph, b.logits, b.version = graph, logits, pool.version
@@ -158,7 +162,13 @@ class DecodeGraphs:
             self.recaptures += b.graph is not None
             b.graph = b.logits = None
             b.keep = []
-            self._capture(b)
+            try:
+                self._capture(b)
+            except Exception:  # never fail a step for it: the packed path serves the same tokens
+                log.exception("capturing a decode graph failed; CUDA graphs are off from here on")
+                self.failed = True
+                b.graph = b.logits = None
+                return self.runner.run_packed(items)
         b.graph.replay()
         self.replays += 1
         return b.logits[:len(items)]

@@ -73,3 +73,19 @@ def test_only_decode_only_steps_fit(runner):
     assert not graphs.fits([decode, StepItem([1, 2], 5, [0, 1])])  # a prompt chunk
     assert not graphs.fits([StepItem([1], 40, list(range(11)))])   # a context past max_len
     assert not graphs.fits([StepItem([1], 5, [0, 1], sample=False)])
+
+
+def test_a_failed_capture_falls_back_to_the_packed_step_for_good(runner, monkeypatch):
+    graphs = DecodeGraphs(runner, max_rows=4, max_len=32, capture=False)
+    graphs.capture = True  # as on CUDA, with a capture that raises (an op the model cannot capture)
+
+    def boom(bucket):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(graphs, "_capture", boom)
+    table = list(range(40, 48))
+    runner.run_packed([StepItem([5, 6, 7], 0, table)])
+    step = [StepItem([8], 3, table)]
+    want = runner.run_packed(step)
+    got = graphs.run(step)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert graphs.failed and not graphs.fits(step)
