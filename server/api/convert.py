@@ -55,7 +55,8 @@ def _stops(stop: str | list[str] | None, cfg: ServerConfig) -> tuple[str, ...]:
 
 
 def _max_tokens(asked: int | None, default: int | None, prompt_len: int, context: int, cfg: ServerConfig,
-                param: str) -> int:
+                param: str, prompt_param: str) -> int:
+    """max_tokens for the request: `param` names the field asked, `prompt_param` the prompt's."""
     if asked is not None and asked > cfg.max_tokens:
         raise InvalidRequest(f"{param} is {asked}; this server allows at most {cfg.max_tokens}", param=param)
     room = context - prompt_len
@@ -63,7 +64,7 @@ def _max_tokens(asked: int | None, default: int | None, prompt_len: int, context
         asked = min(default if default is not None else cfg.default_max_tokens, cfg.max_tokens, room)
         if asked < 1:
             raise InvalidRequest(f"the prompt is {prompt_len} tokens; this model's context is {context} tokens, "
-                                 "which leaves no room to generate", param="messages" if param != "max_tokens" else "prompt")
+                                 "which leaves no room to generate", param=prompt_param)
     elif prompt_len + asked > context:
         raise InvalidRequest(
             f"This model's maximum context length is {context} tokens. However, you requested "
@@ -147,7 +148,8 @@ def plan_completion(body: CompletionRequest, tok: PromptTokenizer, context: int,
             raise InvalidRequest(f"prompt token ids must be in [0, {tok.vocab_size})", param="prompt")
 
     def params_for(ids: list[int], seed: int | None) -> SamplingParams:
-        mt = _max_tokens(body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, len(ids), context, cfg, "max_tokens")
+        mt = _max_tokens(body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, len(ids), context, cfg, "max_tokens",
+                         "prompt")
         return _params(body, mt, stops, body.logprobs, seed)
 
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -177,7 +179,7 @@ def plan_chat(body: ChatCompletionRequest, tok: PromptTokenizer, context: int, c
     _check_prompt_len(len(ids), context, cfg, "messages")
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    mt = _max_tokens(asked, None, len(ids), context, cfg, param)
+    mt = _max_tokens(asked, None, len(ids), context, cfg, param, "messages")
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     reqs = _choices([ids], body, adapter, rid, lambda _ids, seed: _params(body, mt, stops, top, seed))
     return Plan(rid, reqs, len(ids))

@@ -132,6 +132,12 @@ class DecodeGraphs:
         return out.logits[0]
 
     def _capture(self, b: _Bucket) -> None:
+        # The loader thread may replace LoRA buffers while this runs: take the version and the
+        # buffers first, so a change during the capture makes the next step capture again, and
+        # every buffer the graph may have read stays alive until then.
+        pool = self.runner.pool
+        version = pool.version
+        keep = [(layer.A, layer.B) for layer in pool.layers.values() if layer.A is not None]
         # As torch.cuda.graphs asks: warm up on a side stream first. The warm-up runs write the
         # step's keys and values, which the replay writes again, identically.
         side = torch.cuda.Stream(self.runner.device)
@@ -145,9 +151,8 @@ class DecodeGraphs:
         # default ("global") mode would count as an unsafe call inside this capture.
         with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
             logits = self._forward(b)
-        pool = self.runner.pool
-        b.graph, b.logits, b.version = graph, logits, pool.version
-        b.keep = [(layer.A, layer.B) for layer in pool.layers.values() if layer.A is not None]
+        b.graph, b.logits, b.version = graph, logits, version
+        b.keep = keep + [(layer.A, layer.B) for layer in pool.layers.values() if layer.A is not None]
         self.captures += 1
         log.info("captured a decode graph for %d rows x %d keys", b.rows, b.width)
 

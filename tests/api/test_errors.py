@@ -63,6 +63,23 @@ def test_bad_chat_requests(client, payload, param):
     assert_error(client.post("/v1/chat/completions", json=payload), 400, param)
 
 
+def test_a_full_context_blames_the_prompt_field_of_each_route(client):
+    """No max_tokens and a prompt that fills the whole context: no room to generate. Chat names
+    `messages` (it has no `prompt`), completions name `prompt`."""
+    from server.engine.fake import ByteTokenizer
+
+    context = client.engine.context_length
+    frame = len(ByteTokenizer().apply_chat_template([{"role": "user", "content": ""}]))
+    chat = {"model": "fake-model", "messages": [{"role": "user", "content": "x" * (context - frame)}]}
+    r = client.post("/v1/chat/completions", json=chat)
+    assert_error(r, 400, "messages")
+    assert "no room to generate" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"model": "fake-model", "prompt": "x" * context})
+    assert_error(r, 400, "prompt")
+    assert "no room to generate" in r.json()["error"]["message"]
+    assert client.engine.submitted == []
+
+
 def test_unknown_model_is_404(client):
     err = assert_error(client.post("/v1/completions", json={"model": "nope", "prompt": "x"}), 404, "model")
     assert err["code"] == "model_not_found"
