@@ -26,6 +26,7 @@ from .api import errors as api_errors
 from .api.deps import AppState, BodyLimitMiddleware, RequestIdMiddleware
 from .api.admin import router as admin_router
 from .api.jobs import router as jobs_router
+from .api.models import router as models_router
 from .api.openai import router as openai_router
 from .api.ops import router as ops_router
 
@@ -126,6 +127,7 @@ def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_fai
     app.add_middleware(RequestIdMiddleware)
     api_errors.install(app)
     app.include_router(ops_router)
+    app.include_router(models_router)
     app.include_router(openai_router)
     app.include_router(admin_router)
     app.include_router(jobs_router)

@@ -152,7 +152,8 @@ class Registry:
         return {"registered": len(listed), "loaded": self._loaded_count(),
                 "pinned": sum(e.pinned for e in listed), "blends": sum(e.kind == "blend" for e in listed)}
 
-    def _adapter_name(self, model: str) -> str | None:
+    def resolve(self, model: str) -> str | None:
+        """The adapter or blend a request's `model` names (None for the base); NotFound otherwise."""
         base = self.base_id
         if model == base:
             return None
@@ -166,7 +167,7 @@ class Registry:
     # -- leases ------------------------------------------------------------------------
     async def acquire(self, model: str, mix: list[tuple[str, float]] | None = None) -> Lease:
         """Lease the adapter a request names (loading it if evicted). Release with `release`."""
-        name = self._adapter_name(model)
+        name = self.resolve(model)
         if mix:
             if name is not None:
                 raise InvalidRequest("`adapters` blends on top of the base model: set `model` to the base id "

@@ -8,9 +8,10 @@ inference API never changes the registry; only these routes do.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import Conflict, InvalidRequest
 from ..lora.blend import BlendSpec
 from ..registry import Entry
 from .deps import AppState, require_admin
@@ -49,6 +50,7 @@ class BlendBody(_Body):
 class VllmLoad(BaseModel):
     lora_name: str
     lora_path: str
+    load_inplace: bool = False      # vLLM's: replace an adapter already loaded under the name
 
 
 class VllmUnload(BaseModel):
@@ -103,13 +105,18 @@ async def create_blend(body: BlendBody, state: AppState = Depends(require_admin)
     return _answer(entry, created)
 
 
+# vLLM's aliases answer as vLLM does where a script would notice: 200 with a line of text on
+# success, 400 for a name already loaded with other content, 404 for unloading an unknown name.
 @router.post("/v1/load_lora_adapter")
 async def vllm_load(body: VllmLoad, state: AppState = Depends(require_admin)):
-    entry, created = await state.registry.register(body.lora_name, body.lora_path)
-    return _answer(entry, created)
+    try:
+        await state.registry.register(body.lora_name, body.lora_path, replace=body.load_inplace)
+    except Conflict as e:
+        raise InvalidRequest(e.message, param="lora_name", code=e.code) from None
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
 @router.post("/v1/unload_lora_adapter")
 async def vllm_unload(body: VllmUnload, state: AppState = Depends(require_admin)):
-    entry = await state.registry.unregister(body.lora_name)
-    return {"name": entry.name, "deleted": True}
+    await state.registry.unregister(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -18,7 +18,7 @@ from ..config import ServerConfig
 from ..engine.protocol import PromptTokenizer
 from ..engine.types import GenerationEvent, GenerationRequest, SamplingParams, TokenLogprob
 from ..errors import InvalidRequest
-from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 
 log = logging.getLogger("loraplex.api")
 
@@ -33,12 +33,6 @@ class Plan:
     id: str
     requests: list[GenerationRequest]
     prompt_tokens: int               # counted once per prompt, not per choice
-
-
-def log_ignored(body: SamplingFields, route: str) -> None:
-    extra = sorted((body.model_extra or {}).keys())
-    if extra:
-        log.info("%s: ignoring unsupported fields %s", route, extra)
 
 
 def _stops(stop: str | list[str] | None, cfg: ServerConfig) -> tuple[str, ...]:
@@ -80,8 +74,27 @@ def _check_prompt_len(n: int, context: int, cfg: ServerConfig, param: str) -> No
         raise InvalidRequest(f"the prompt is {n} tokens; the limit is {cap}", param=param)
 
 
+def _token_ids(body: SamplingFields, vocab: int) -> tuple[tuple[tuple[int, float], ...], tuple[int, ...]]:
+    """logit_bias as (id, bias) pairs and stop_token_ids, each id checked against the vocabulary."""
+    bias = []
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            tid = int(key)
+        except ValueError:
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        if not 0 <= tid < vocab:
+            raise InvalidRequest(f"logit_bias token id {tid} is outside the vocabulary [0, {vocab})",
+                                 param="logit_bias")
+        bias.append((tid, float(value)))
+    stops = tuple(body.stop_token_ids or ())
+    if any(not 0 <= t < vocab for t in stops):
+        raise InvalidRequest(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+    return tuple(sorted(bias)), stops
+
+
 def _params(body: SamplingFields, max_tokens: int, stops: tuple[str, ...], logprobs: int | None,
-            seed: int | None) -> SamplingParams:
+            seed: int | None, vocab: int) -> SamplingParams:
+    bias, stop_ids = _token_ids(body, vocab)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -95,6 +108,9 @@ def _params(body: SamplingFields, max_tokens: int, stops: tuple[str, ...], logpr
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         logprobs=logprobs,
+        min_p=body.min_p,
+        logit_bias=bias,
+        stop_token_ids=stop_ids,
     )
 
 
@@ -124,8 +140,6 @@ def plan_completion(body: CompletionRequest, tok: PromptTokenizer, context: int,
                     adapter: str | None) -> Plan:
     if body.echo:
         raise InvalidRequest("echo is not supported", param="echo")
-    if body.suffix:
-        raise InvalidRequest("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise InvalidRequest("best_of other than n is not supported", param="best_of")
     stops = _check_common(body, cfg, body.logprobs)
@@ -150,15 +164,27 @@ def plan_completion(body: CompletionRequest, tok: PromptTokenizer, context: int,
     def params_for(ids: list[int], seed: int | None) -> SamplingParams:
         mt = _max_tokens(body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, len(ids), context, cfg, "max_tokens",
                          "prompt")
-        return _params(body, mt, stops, body.logprobs, seed)
+        return _params(body, mt, stops, body.logprobs, seed, tok.vocab_size)
 
     rid = f"cmpl-{uuid.uuid4().hex}"
     return Plan(rid, _choices(prompts, body, adapter, rid, params_for), sum(len(p) for p in prompts))
 
 
-def _message_dicts(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+# Message fields that carry meaning this server does not serve yet: refused, never dropped.
+_MESSAGE_REFUSED = {"tool_calls": "tool calls are not supported yet", "tool_call_id": "tool calls are not supported yet",
+                    "function_call": "the legacy function_call is not supported",
+                    "audio": "audio is not supported"}
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them; a field that would be dropped is refused."""
     out = []
-    for m in body.messages:
+    for i, m in enumerate(messages):
+        if m.role == "tool":
+            raise InvalidRequest("tool messages are not supported yet", param=f"messages.{i}.role")
+        for name, why in _MESSAGE_REFUSED.items():
+            if (m.model_extra or {}).get(name):
+                raise InvalidRequest(f"messages.{i}.{name}: {why}", param=f"messages.{i}.{name}")
         content = m.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
@@ -175,13 +201,14 @@ def plan_chat(body: ChatCompletionRequest, tok: PromptTokenizer, context: int, c
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     stops = _check_common(body, cfg, top)
-    ids = tok.apply_chat_template(_message_dicts(body))
+    ids = tok.apply_chat_template(message_dicts(body.messages))
     _check_prompt_len(len(ids), context, cfg, "messages")
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     mt = _max_tokens(asked, None, len(ids), context, cfg, param, "messages")
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    reqs = _choices([ids], body, adapter, rid, lambda _ids, seed: _params(body, mt, stops, top, seed))
+    reqs = _choices([ids], body, adapter, rid, lambda _ids, seed: _params(body, mt, stops, top, seed,
+                                                                               tok.vocab_size))
     return Plan(rid, reqs, len(ids))
 
 

@@ -82,6 +82,7 @@ LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 # Every route belongs to one class; a route in none is a build failure (tests/api/test_routes.py).
 PUBLIC_PATHS = {"/health", "/ready", "/openapi.json"}
 ADMIN_ALIASES = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+INFERENCE_ROOT = {"/tokenize", "/detokenize"}   # vLLM serves these outside /v1
 
 
 def route_class(path: str) -> str | None:
@@ -92,7 +93,7 @@ def route_class(path: str) -> str | None:
         return "metrics"
     if path in ADMIN_ALIASES or path == "/admin" or path.startswith("/admin/"):
         return "admin"
-    if path.startswith("/v1/"):
+    if path.startswith("/v1/") or path in INFERENCE_ROOT:
         return "inference"
     return None
 

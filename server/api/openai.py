@@ -20,8 +20,9 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..engine.types import GenerationEvent
 from ..registry import Lease
-from .convert import (ChoiceAccumulator, Plan, chat_logprobs, completion_logprobs, log_ignored, plan_chat,
+from .convert import (ChoiceAccumulator, Plan, chat_logprobs, completion_logprobs, plan_chat,
                       plan_completion, usage)
+from . import fields
 from .deps import AppState, require_inference
 from .observe import RequestRecord, adapter_label
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -29,17 +30,6 @@ from .streaming import chat_chunks, completion_chunks, merge
 
 log = logging.getLogger("loraplex.api")
 router = APIRouter()
-
-
-@router.get("/v1/models")
-async def list_models(state: AppState = Depends(require_inference)):
-    base = state.engine.model_id
-    data = [{"id": base, "object": "model", "created": state.started_at, "owned_by": "loraplex",
-             "parent": None, "root": base}]
-    for e in state.registry.entries():
-        data.append({"id": e.name, "object": "model", "created": int(e.created), "owned_by": "loraplex",
-                     "parent": base, "root": str(e.path)})
-    return {"object": "list", "data": data}
 
 
 def _submit(state: AppState, plan: Plan) -> list[AsyncIterator[GenerationEvent]]:
@@ -102,7 +92,7 @@ def _stream(state: AppState, plan: Plan, chunks: Callable, model: str, include_u
 
 async def _run(request: Request, state: AppState, body, planner: Callable, chunks: Callable, route: str):
     """The shared flow of both routes; returns the stream response or the accumulated choices."""
-    log_ignored(body, route)
+    fields.check(body, route)
     mix = [(a.name, a.weight) for a in body.adapters] if body.adapters else None
     lease = await state.registry.acquire(body.model, mix)  # an unknown model ends here: no metrics series
     record = RequestRecord(state.metrics, request_id=request.state.request_id, route=route, model=body.model,

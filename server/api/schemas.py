@@ -2,8 +2,8 @@
 `convert` and `streaming`, the shapes the `openai` client parses.
 
 Owns: field names, types and ranges that a request must satisfy before any
-work. Unknown fields are kept (`extra="allow"`) so the handler can log and
-ignore them, as the contract says. Caps that come from the configuration
+work. Undeclared fields are kept (`extra="allow"`) so that `fields.py`, the one
+table of honoured, refused and ignored fields, can judge each by name. Caps that come from the configuration
 (max n, max_tokens, stop counts) are checked in `convert`, which has it.
 """
 
@@ -47,6 +47,11 @@ class SamplingFields(_Wire):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     repetition_penalty: Float = Field(1.0, gt=0.0, le=10.0)
+    min_p: Float = Field(0.0, ge=0.0, le=1.0)
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    # OpenAI's: token id (as a string key) -> a bias added to its logit
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = Field(
+        None, max_length=1024)
     # loraplex extension: a per-request linear blend of loaded adapters (model = the base id)
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, max_length=8)
 
@@ -58,7 +63,6 @@ class CompletionRequest(SamplingFields):
     prompt: PromptField
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
-    suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
 
 

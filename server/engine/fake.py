@@ -33,12 +33,12 @@ class ByteTokenizer:
 
     vocab_size = 257
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = "".join(f"<{m['role']}>{m.get('content') or ''}\n" for m in messages) + "<assistant>"
-        return self.encode(text)
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        text = "".join(f"<{m['role']}>{m.get('content') or ''}\n" for m in messages)
+        return self.encode(text + ("<assistant>" if add_generation_prompt else ""))
 
     def decode(self, ids: Seq[int], skip_special_tokens: bool = True) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")

@@ -5,8 +5,8 @@ logprobs, applied per row to a (batch, vocab) logits tensor. transformers'
 logits processors take one setting for the whole batch, and a batch here mixes
 requests with different settings, so this module does it with per-row tensors.
 
-Order (as in vLLM and transformers): penalties → min_tokens mask → greedy
-argmax, or temperature → top-k → top-p → sample. Reported logprobs are those
+Order (as in vLLM and transformers): penalties → logit_bias → min_tokens mask →
+greedy argmax, or temperature → min-p → top-k → top-p → sample. Reported logprobs are those
 of the model's raw distribution (log_softmax of the logits), as OpenAI and
 vLLM report them.
 
@@ -59,6 +59,21 @@ def _apply_penalties(logits: torch.Tensor, rows: list[RowState]) -> None:
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+def _apply_logit_bias(logits: torch.Tensor, rows: list[RowState]) -> None:
+    for i, r in enumerate(rows):
+        if r.params.logit_bias:
+            ids = torch.tensor([t for t, _ in r.params.logit_bias], dtype=torch.long, device=logits.device)
+            bias = torch.tensor([b for _, b in r.params.logit_bias], dtype=logits.dtype, device=logits.device)
+            logits[i, ids] += bias
+
+
+def _apply_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the likeliest one's. scaled: (S, V); min_p: (S,)."""
+    probs = scaled.softmax(dim=-1)
+    floor = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+    return scaled.masked_fill(probs < floor, float("-inf"))
+
+
 def _mask_stops_before_min_tokens(logits: torch.Tensor, rows: list[RowState]) -> None:
     for i, r in enumerate(rows):
         if len(r.output_ids) < r.params.min_tokens and r.stop_ids:
@@ -94,6 +109,9 @@ def sample(
     if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty for r in rows):
         logits = logits.clone()
         _apply_penalties(logits, rows)
+    if any(r.params.logit_bias for r in rows):
+        logits = logits.clone()
+        _apply_logit_bias(logits, rows)
     if any(len(r.output_ids) < r.params.min_tokens for r in rows):
         logits = logits.clone()
         _mask_stops_before_min_tokens(logits, rows)
@@ -109,6 +127,9 @@ def sample(
         si = torch.tensor(sampled, device=device)
         temps = torch.tensor([rows[i].params.temperature for i in sampled], device=device)
         scaled = logits[si] / temps.unsqueeze(1)
+        min_p = torch.tensor([rows[i].params.min_p for i in sampled], device=device)
+        if bool((min_p > 0).any()):
+            scaled = _apply_min_p(scaled, min_p)
         top_k = torch.tensor([rows[i].params.top_k for i in sampled], dtype=torch.long, device=device)
         top_p = torch.tensor([rows[i].params.top_p for i in sampled], device=device)
         if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):

@@ -26,14 +26,15 @@ class HFPromptTokenizer:
     def vocab_size(self) -> int:
         return len(self.tok)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=True))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         if not getattr(self.tok, "chat_template", None):
             raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
         try:
-            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                tokenize=False)
         except Exception as e:  # jinja2 TemplateError and friends: the messages broke the template
             raise InvalidRequest(f"the chat template refused these messages: {e}", param="messages") from None
         return list(self.tok.encode(text, add_special_tokens=False))

@@ -26,6 +26,8 @@ class SamplingParams:
     presence_penalty: float = 0.0   # OpenAI style, on generated tokens
     frequency_penalty: float = 0.0
     logprobs: int | None = None     # None = off; k = the chosen token plus the top k
+    min_p: float = 0.0              # 0 = off; drop tokens below min_p times the likeliest one's probability
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
     @property
     def greedy(self) -> bool:

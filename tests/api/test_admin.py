@@ -131,10 +131,21 @@ def test_per_request_blend(c):
 
 def test_vllm_aliases(c, store_copy):
     shutil.copytree(store_copy / "alpha", store_copy / "v")
-    r = c.post("/v1/load_lora_adapter", json={"lora_name": "v", "lora_path": str(store_copy / "v")}, headers=ADMIN)
-    assert r.status_code == 201 and "v" in models(c)
+    shutil.copytree(store_copy / "beta", store_copy / "w")
+    load = lambda path, **kw: c.post("/v1/load_lora_adapter", headers=ADMIN,  # noqa: E731
+                                     json={"lora_name": "v", "lora_path": str(store_copy / path), **kw})
+    r = load("v")
+    assert r.status_code == 200 and "v" in models(c) and r.text.startswith("Success")  # vLLM answers 200
+    assert load("v").status_code == 200                          # the same content again: idempotent
+    r = load("w")                                                 # other content under the name: vLLM's 400
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name"
+    sha_before = c.get("/admin/adapters/v", headers=ADMIN).json()["sha256"]
+    assert load("w", load_inplace=True).status_code == 200      # vLLM's in-place replace
+    assert c.get("/admin/adapters/v", headers=ADMIN).json()["sha256"] != sha_before
     assert c.post("/v1/unload_lora_adapter", json={"lora_name": "v"}, headers=ADMIN).status_code == 200
     assert "v" not in models(c)
+    r = c.post("/v1/unload_lora_adapter", json={"lora_name": "v"}, headers=ADMIN)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
 ROUTES = [("get", "/admin/adapters", None), ("post", "/admin/adapters", {"name": "x", "path": "alpha"}),

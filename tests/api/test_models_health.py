@@ -2,6 +2,8 @@
 
 import asyncio
 
+import pytest
+
 from server.app import create_app
 from server.config import load_config
 from server.engine.fake import FakeEngine
@@ -53,3 +55,50 @@ def test_ready_is_503_while_loading(tmp_path):
         from tests.conftest import wait_ready
         wait_ready(c)
         assert c.post("/v1/completions", json={"model": "fake-model", "prompt": "x"}).status_code == 200
+
+
+def test_models_carry_max_model_len_and_retrieve_each_kind(client):
+    data = client.get("/v1/models").json()["data"]
+    assert all(m["max_model_len"] == 512 for m in data)
+    for model_id, parent in [("fake-model", None), ("alpha", "fake-model"), ("fake-model:beta", "fake-model")]:
+        r = client.get(f"/v1/models/{model_id}")
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == model_id and r.json()["parent"] == parent and r.json()["max_model_len"] == 512
+    r = client.get("/v1/models/ghost")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_models_retrieve_through_the_openai_client(client):
+    import openai
+
+    api = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="x", http_client=client)
+    assert api.models.retrieve("alpha").id == "alpha"
+    assert api.models.retrieve("fake-model").owned_by == "loraplex"
+
+
+def test_tokenize_and_detokenize_round_trip(client):
+    r = client.post("/tokenize", json={"model": "alpha", "prompt": "héllo"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == list("héllo".encode()) and body["count"] == 6 and body["max_model_len"] == 512
+    r = client.post("/detokenize", json={"model": "alpha", "tokens": body["tokens"]})
+    assert r.json() == {"prompt": "héllo"}
+    chat = client.post("/tokenize", json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
+                                          "return_token_strs": True}).json()
+    assert bytes(chat["tokens"]).decode() == "<user>hi\n<assistant>" and chat["token_strs"][0] == "<"
+    no_gen = client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}],
+                                            "add_generation_prompt": False}).json()
+    assert bytes(no_gen["tokens"]).decode() == "<user>hi\n"
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/tokenize", {"model": "ghost", "prompt": "x"}, 404, "model"),
+    ("/tokenize", {"model": "alpha"}, 400, "prompt"),
+    ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400, "prompt"),
+    ("/detokenize", {"tokens": [100000]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+])
+def test_tokenize_refusals(client, path, body, status, param):
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param

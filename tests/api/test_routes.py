@@ -34,7 +34,7 @@ def all_routes(app):
     for route in flat(app.routes):
         for method in sorted(getattr(route, "methods", None) or {"GET"}):
             if method != "HEAD":
-                yield route, method, route.path.replace("{name}", "alpha").replace("{job_id}", "nope")
+                yield route, method, route.path.replace("{name}", "alpha").replace("{job_id}", "nope").replace("{model_id:path}", "alpha")
 
 
 def test_every_route_has_a_class_and_its_guard(make_client):

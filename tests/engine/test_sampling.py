@@ -86,3 +86,32 @@ def test_logprobs_are_raw_log_softmax_with_top_k():
     assert math.isclose(lp.logprob, float(ref[2]), rel_tol=1e-6)
     assert [t for t, _, _ in lp.top] == [2, 1]
     assert sample(logits, [row(temperature=0.0)])[0][1] is None
+
+
+def test_logit_bias_plus_100_forces_and_minus_100_forbids_per_row():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    best = int(logits[1].argmax())
+    rows = [row(temperature=1.0, logit_bias=((7, 100.0),)), row(temperature=0.0, logit_bias=((best, -100.0),)),
+            row(temperature=0.0)]
+    for _ in range(20):
+        out = sample(logits, rows)
+        assert out[0][0] == 7
+        assert out[1][0] != best and out[1][0] == int(logits[1].topk(2).indices[1])
+        assert out[2][0] == int(logits[2].argmax())  # a row without a bias is untouched
+
+
+def test_min_p_matches_transformers_min_p_warper():
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 200) * 2
+    ref = MinPLogitsWarper(min_p=0.2)(None, logits.clone())
+    allowed = [set(torch.nonzero(torch.isfinite(ref[i])).flatten().tolist()) for i in range(2)]
+    seen: list[set[int]] = [set(), set()]
+    rows = [row(temperature=1.0, min_p=0.2), row(temperature=1.0, min_p=0.2)]
+    for _ in range(300):
+        for i, (tok, _) in enumerate(sample(logits, rows)):
+            seen[i].add(tok)
+    assert seen[0] <= allowed[0] and seen[1] <= allowed[1]
+    assert len(seen[0]) > 1  # it still samples among the kept tokens

@@ -1,0 +1,90 @@
+"""What a client asks about models without generating: /v1/models, /v1/models/{id}, /tokenize, /detokenize.
+
+Owns: the model entries (the base, then each adapter and blend, with `max_model_len` as vLLM's
+carry), and vLLM's tokenizer routes with vLLM's request and response shapes. A `model` names the
+base, an adapter, a blend or `BASE:ADAPTER`, as on every route; an unknown one is a 404. Every
+adapter is served with the base's tokenizer (one that trains embeddings or tokens is refused at
+load, server/lora/slots.py), so every name tokenizes with it. It changes nothing and submits nothing to the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import Field
+
+from ..errors import InvalidRequest
+from ..registry import Entry
+from .deps import AppState, require_inference
+from .convert import message_dicts
+from .schemas import ChatMessage, _Wire
+
+router = APIRouter()
+
+
+def _base_entry(state: AppState) -> dict[str, Any]:
+    base = state.engine.model_id
+    return {"id": base, "object": "model", "created": state.started_at, "owned_by": "loraplex", "parent": None,
+            "root": base, "max_model_len": state.engine.context_length}
+
+
+def _entry(state: AppState, e: Entry, id_: str | None = None) -> dict[str, Any]:
+    return {"id": id_ or e.name, "object": "model", "created": int(e.created), "owned_by": "loraplex",
+            "parent": state.engine.model_id, "root": str(e.path), "max_model_len": state.engine.context_length}
+
+
+@router.get("/v1/models")
+async def list_models(state: AppState = Depends(require_inference)):
+    return {"object": "list", "data": [_base_entry(state)] + [_entry(state, e) for e in state.registry.entries()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, state: AppState = Depends(require_inference)):
+    name = state.registry.resolve(model_id)
+    return _base_entry(state) if name is None else _entry(state, state.registry.get(name), model_id)
+
+
+class TokenizeRequest(_Wire):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None    # vLLM's defaults: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Wire):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
+def _check_model(state: AppState, model: str | None) -> None:
+    if model is not None:
+        state.registry.resolve(model)  # 404 for a name nobody serves
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, state: AppState = Depends(require_inference)):
+    _check_model(state, body.model)
+    tok = state.engine.tokenizer
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequest("give exactly one of prompt or messages", param="prompt")
+    if body.prompt is not None:
+        ids = tok.encode(body.prompt, add_special_tokens=True if body.add_special_tokens is None
+                         else body.add_special_tokens)
+    else:
+        if body.add_special_tokens:
+            raise InvalidRequest("chat prompts are encoded without extra special tokens", param="add_special_tokens")
+        ids = tok.apply_chat_template(message_dicts(body.messages), add_generation_prompt=body.add_generation_prompt)
+    strs = [tok.decode([t], skip_special_tokens=False) for t in ids] if body.return_token_strs else None
+    return {"count": len(ids), "max_model_len": state.engine.context_length, "tokens": ids, "token_strs": strs}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, state: AppState = Depends(require_inference)):
+    _check_model(state, body.model)
+    tok = state.engine.tokenizer
+    if any(not 0 <= t < tok.vocab_size for t in body.tokens):
+        raise InvalidRequest(f"token ids must be in [0, {tok.vocab_size})", param="tokens")
+    return {"prompt": tok.decode(body.tokens)}
