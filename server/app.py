@@ -10,6 +10,7 @@ none and gets the `TorchEngine`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -36,7 +37,9 @@ log = logging.getLogger("loraplex.app")
 def build_engine(config: Config, metrics: Metrics) -> Engine:
     from .engine.loop import TorchEngine  # torch is imported only when a real engine is wanted
 
-    return TorchEngine(config.model, config.engine, cache_dir=config.path(config.model.cache_dir),
+    template = config.model.chat_template
+    model_cfg = dataclasses.replace(config.model, chat_template=str(config.path(template)) if template else "")
+    return TorchEngine(model_cfg, config.engine, cache_dir=config.path(config.model.cache_dir),
                        max_lora_rank=config.adapters.max_lora_rank, slots=config.adapters.max_loaded_adapters,
                        host_adapters=config.adapters.max_cpu_adapters, on_step=metrics.engine_step)
 

@@ -72,6 +72,8 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     cache_dir: str = ".cache/models"   # where converted models are kept
     context_length: int = 0         # 0 = the model's max_position_embeddings
+    chat_template: str = ""         # a Jinja chat template file to use instead of the model's own
+    tool_parser: str = ""           # "" (none: tool_choice "auto" is a 400) | hermes | llama3_json
 
 
 @dataclass
@@ -174,6 +176,7 @@ _CHOICES = {
     ("model", "dtype"): {"auto", "float32", "bfloat16", "float16"},
     ("model", "quantization"): {"none", "nf4", "fp4", "int8"},
     ("model", "attn_implementation"): {"sdpa", "eager", "flash_attention_2"},
+    ("model", "tool_parser"): {"", "hermes", "llama3_json"},
     ("server", "log_level"): {"debug", "info", "warning", "error"},
     ("server", "log_format"): {"text", "json"},
     ("server", "metrics_access"): {"public", "inference", "admin"},

@@ -196,6 +196,11 @@ def load_model(cfg: ModelConfig, cache_dir: Path) -> LoadedModel:
         model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if cfg.chat_template:  # the configured template replaces the model's own (tools need one that renders them)
+        try:
+            tokenizer.chat_template = Path(cfg.chat_template).read_text()
+        except OSError as e:
+            raise ConfigError(f"model.chat_template: cannot read {cfg.chat_template} ({e.strerror})") from None
     ctx = cfg.context_length or getattr(model.config, "max_position_embeddings", 0) or 2048
     log.info(
         "model %s from %s: device %s (%s), dtype %s (%s), quantization %s, attention %s, context %d",

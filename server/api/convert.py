@@ -9,6 +9,7 @@ request reaches the engine.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from ..engine.protocol import PromptTokenizer
 from ..engine.types import GenerationEvent, GenerationRequest, SamplingParams, TokenLogprob
 from ..errors import InvalidRequest
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from .tools import ToolPlan, parse
 
 log = logging.getLogger("loraplex.api")
 
@@ -33,6 +35,18 @@ class Plan:
     id: str
     requests: list[GenerationRequest]
     prompt_tokens: int               # counted once per prompt, not per choice
+    echo: list[Echo] | None = None   # completions' echo: one per request
+    vllm_prompt_logprobs: bool = False  # vLLM's prompt_logprobs field was asked: answer in its shape
+    tools: ToolPlan | None = None    # chat: the tools offered and how they must be used
+
+
+@dataclass(frozen=True)
+class Echo:
+    """What `echo` puts before a choice's text: the prompt, and the first prompt token's text (the
+    one token without a logprob) for the logprobs."""
+
+    text: str
+    first_token: str
 
 
 def _stops(stop: str | list[str] | None, cfg: ServerConfig) -> tuple[str, ...]:
@@ -93,7 +107,7 @@ def _token_ids(body: SamplingFields, vocab: int) -> tuple[tuple[tuple[int, float
 
 
 def _params(body: SamplingFields, max_tokens: int, stops: tuple[str, ...], logprobs: int | None,
-            seed: int | None, vocab: int) -> SamplingParams:
+            seed: int | None, vocab: int, prompt_logprobs: int | None = None) -> SamplingParams:
     bias, stop_ids = _token_ids(body, vocab)
     return SamplingParams(
         max_tokens=max_tokens,
@@ -111,10 +125,17 @@ def _params(body: SamplingFields, max_tokens: int, stops: tuple[str, ...], logpr
         min_p=body.min_p,
         logit_bias=bias,
         stop_token_ids=stop_ids,
+        prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else body.prompt_logprobs,
     )
 
 
 def _check_common(body: SamplingFields, cfg: ServerConfig, logprobs: int | None) -> tuple[str, ...]:
+    if body.max_tokens == 0 and not getattr(body, "echo", False):
+        raise InvalidRequest("max_tokens must be at least 1 (0 is allowed with echo: the prompt is scored, "
+                             "nothing is generated)", param="max_tokens")
+    if body.prompt_logprobs is not None and body.prompt_logprobs > cfg.max_top_logprobs:
+        raise InvalidRequest(f"at most {cfg.max_top_logprobs} prompt_logprobs alternatives, got "
+                             f"{body.prompt_logprobs}", param="prompt_logprobs")
     if body.n > cfg.max_n:
         raise InvalidRequest(f"n is {body.n}; this server allows at most {cfg.max_n}", param="n")
     if logprobs is not None and logprobs > cfg.max_top_logprobs:
@@ -138,8 +159,6 @@ def _choices(prompts: list[list[int]], body: SamplingFields, adapter: str | None
 
 def plan_completion(body: CompletionRequest, tok: PromptTokenizer, context: int, cfg: ServerConfig,
                     adapter: str | None) -> Plan:
-    if body.echo:
-        raise InvalidRequest("echo is not supported", param="echo")
     if body.best_of is not None and body.best_of != body.n:
         raise InvalidRequest("best_of other than n is not supported", param="best_of")
     stops = _check_common(body, cfg, body.logprobs)
@@ -161,27 +180,42 @@ def plan_completion(body: CompletionRequest, tok: PromptTokenizer, context: int,
         if any(not 0 <= t < tok.vocab_size for t in ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {tok.vocab_size})", param="prompt")
 
+    # echo with logprobs: the prompt tokens' logprobs too, from the prefill (vLLM's answer).
+    echo_k = body.logprobs if body.echo and body.logprobs is not None else None
+    wanted = [k for k in (echo_k, body.prompt_logprobs) if k is not None]
+
     def params_for(ids: list[int], seed: int | None) -> SamplingParams:
         mt = _max_tokens(body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, len(ids), context, cfg, "max_tokens",
                          "prompt")
-        return _params(body, mt, stops, body.logprobs, seed, tok.vocab_size)
+        return _params(body, mt, stops, body.logprobs, seed, tok.vocab_size, max(wanted) if wanted else None)
 
     rid = f"cmpl-{uuid.uuid4().hex}"
-    return Plan(rid, _choices(prompts, body, adapter, rid, params_for), sum(len(p) for p in prompts))
+    echo = None
+    if body.echo:  # a text prompt is echoed as sent, token ids as they decode
+        texts = [raw] if isinstance(raw, str) else list(raw) if isinstance(raw[0], str) else [
+            tok.decode(ids) for ids in prompts]
+        echo = [Echo(texts[p], tok.decode(prompts[p][:1], skip_special_tokens=False))
+                for p in range(len(prompts)) for _ in range(body.n)]
+    return Plan(rid, _choices(prompts, body, adapter, rid, params_for), sum(len(p) for p in prompts), echo,
+                body.prompt_logprobs is not None)
 
 
-# Message fields that carry meaning this server does not serve yet: refused, never dropped.
-_MESSAGE_REFUSED = {"tool_calls": "tool calls are not supported yet", "tool_call_id": "tool calls are not supported yet",
-                    "function_call": "the legacy function_call is not supported",
+# Message fields that carry meaning this server does not serve: refused, never dropped.
+_MESSAGE_REFUSED = {"function_call": "the legacy function_call is not supported; use tool_calls",
                     "audio": "audio is not supported"}
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages as the chat template takes them; a field that would be dropped is refused."""
     out = []
     for i, m in enumerate(messages):
-        if m.role == "tool":
-            raise InvalidRequest("tool messages are not supported yet", param=f"messages.{i}.role")
         for name, why in _MESSAGE_REFUSED.items():
             if (m.model_extra or {}).get(name):
                 raise InvalidRequest(f"messages.{i}.{name}: {why}", param=f"messages.{i}.{name}")
@@ -191,17 +225,23 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         d: dict[str, Any] = {"role": m.role, "content": content or ""}
         if m.name:
             d["name"] = m.name
+        if m.tool_calls:  # arguments as objects, as chat templates expect them (vLLM does the same)
+            d["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                               for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
         out.append(d)
     return out
 
 
 def plan_chat(body: ChatCompletionRequest, tok: PromptTokenizer, context: int, cfg: ServerConfig,
-              adapter: str | None) -> Plan:
+              adapter: str | None, tools: ToolPlan | None = None) -> Plan:
     top = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     stops = _check_common(body, cfg, top)
-    ids = tok.apply_chat_template(message_dicts(body.messages))
+    ids = tok.apply_chat_template(message_dicts(body.messages), tools=tools.tools if tools is not None else None)
     _check_prompt_len(len(ids), context, cfg, "messages")
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -209,7 +249,7 @@ def plan_chat(body: ChatCompletionRequest, tok: PromptTokenizer, context: int, c
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     reqs = _choices([ids], body, adapter, rid, lambda _ids, seed: _params(body, mt, stops, top, seed,
                                                                                tok.vocab_size))
-    return Plan(rid, reqs, len(ids))
+    return Plan(rid, reqs, len(ids), vllm_prompt_logprobs=body.prompt_logprobs is not None, tools=tools)
 
 
 # -- responses -------------------------------------------------------------------
@@ -218,17 +258,70 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
-    offsets, pos = [], offset
+def completion_logprobs(entries: list[TokenLogprob], offset: int = 0,
+                        echo: tuple[Echo, list[TokenLogprob]] | None = None) -> dict[str, Any]:
+    """The completions logprobs object; with `echo`, the prompt's tokens first (the first with
+    null logprobs). As in vLLM, each top_logprobs dict also holds the token itself."""
+    tokens: list[str] = []
+    lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    if echo is not None:
+        first, prompt_lps = echo
+        tokens.append(first.first_token)
+        lps.append(None)
+        tops.append(None)
+        entries = list(prompt_lps) + list(entries)
     for e in entries:
+        tokens.append(e.token)
+        lps.append(e.logprob)
+        top = {t: lp for _, t, lp in e.top}
+        top.setdefault(e.token, e.logprob)
+        tops.append(top)
+    offsets, pos = [], offset
+    for t in tokens:
         offsets.append(pos)
-        pos += len(e.token)
-    return {
-        "tokens": [e.token for e in entries],
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{t: lp for _, t, lp in e.top} for e in entries],
-        "text_offset": offsets,
-    }
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def completion_choice(plan: Plan, i: int, text: str, finish: str | None, logprobs: list[TokenLogprob] | None,
+                      prompt_lps: list[TokenLogprob] | None, with_logprobs: bool, *, first: bool = True,
+                      offset: int = 0) -> dict[str, Any]:
+    """One completions choice, or one stream chunk's (`first`: the choice's first chunk). With
+    echo, the first carries the prompt text before the completion, and its tokens' logprobs."""
+    echo = plan.echo[i] if plan.echo is not None and first else None
+    lp = None
+    if with_logprobs and (first or logprobs):
+        lp = completion_logprobs(logprobs or [], offset, (echo, prompt_lps or []) if echo is not None else None)
+    choice = {"index": i, "text": (echo.text if echo is not None else "") + text, "logprobs": lp,
+              "finish_reason": finish}
+    if plan.vllm_prompt_logprobs and first:
+        choice["prompt_logprobs"] = vllm_prompt_logprobs(prompt_lps or [])
+    return choice
+
+
+def chat_message(plan: Plan, text: str, finish: str | None) -> dict[str, Any]:
+    """A chat choice's message and finish_reason: the reply, or the tool calls parsed from it."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if plan.tools is None or finish != "stop":  # a reply cut short is text, never a half call
+        return {"message": message, "finish_reason": finish}
+    content, calls = parse(plan.tools, text)
+    message["content"] = content
+    if calls:
+        message["tool_calls"] = calls
+        finish = "tool_calls"
+    return {"message": message, "finish_reason": finish}
+
+
+def vllm_prompt_logprobs(entries: list[TokenLogprob]) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: null for the first prompt token, then per token its own logprob
+    and rank and the top k's, keyed by token id."""
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for e in entries:
+        d = {str(t): {"logprob": lp, "rank": r + 1, "decoded_token": text} for r, (t, text, lp) in enumerate(e.top)}
+        d[str(e.token_id)] = {"logprob": e.logprob, "rank": e.rank, "decoded_token": e.token}
+        out.append(d)
+    return out
 
 
 def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
@@ -246,9 +339,12 @@ class ChoiceAccumulator:
     finish_reason: str | None = None
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def add(self, ev: GenerationEvent) -> None:
         self.text += ev.text
+        if ev.prompt_logprobs is not None:
+            self.prompt_logprobs = ev.prompt_logprobs
         self.completion_tokens = ev.completion_tokens
         if ev.logprobs:
             self.logprobs = (self.logprobs or []) + ev.logprobs

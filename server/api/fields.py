@@ -58,7 +58,7 @@ _SAMPLING: dict[str, Any] = {
         "model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options",
         "presence_penalty", "frequency_penalty", "logit_bias",
         # vLLM's extensions (through extra_body)
-        "top_k", "min_p", "min_tokens", "ignore_eos", "repetition_penalty", "stop_token_ids",
+        "top_k", "min_p", "min_tokens", "ignore_eos", "repetition_penalty", "stop_token_ids", "prompt_logprobs",
         # loraplex's: a per-request blend
         "adapters")},
     "use_beam_search": Refused("beam search is not supported"),
@@ -72,17 +72,12 @@ _SAMPLING: dict[str, Any] = {
                                       example=8),
     "logits_processors": Refused("custom logits processors are not supported", example=["x"]),
     "return_tokens_as_token_ids": Refused("logprob tokens are returned as text"),
-    "prompt_logprobs": Refused("prompt logprobs are not supported yet", example=1),
-    "guided_json": Refused("structured outputs are not supported yet", example={"type": "object"}),
-    "guided_regex": Refused("structured outputs are not supported yet", example="a+"),
-    "guided_choice": Refused("structured outputs are not supported yet", example=["a"]),
-    "guided_grammar": Refused("structured outputs are not supported yet", example="root ::= \"a\""),
-    "guided_decoding_backend": Refused("structured outputs are not supported yet", example="xgrammar"),
-    "guided_whitespace_pattern": Refused("structured outputs are not supported yet", example=" "),
-    "structured_outputs": Refused("structured outputs are not supported yet", example={"json": {}}),
-    "response_format": Refused("structured outputs are not supported yet",
-                               lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-                               {"type": "json_object"}),
+    **{f: HONOURED for f in ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                             "guided_choice", "guided_grammar")},
+    "guided_decoding_backend": Refused("structured outputs always use xgrammar", _eq("xgrammar", "auto"),
+                                       "outlines"),
+    "guided_whitespace_pattern": Refused("a custom whitespace pattern is not supported; structured_outputs."
+                                         "disable_any_whitespace chooses free or no whitespace", example=" "),
     "kv_transfer_params": Refused("disaggregated serving is not supported", example={"a": 1}),
     "vllm_xargs": Refused("vLLM's extra arguments are not supported", example={"a": 1}),
     **{f: "ignored" for f in ("user", "priority", "request_id")},
@@ -90,8 +85,7 @@ _SAMPLING: dict[str, Any] = {
 
 COMPLETIONS: dict[str, Any] = {
     **_SAMPLING,
-    **{f: HONOURED for f in ("prompt", "logprobs")},
-    "echo": Refused("echo is not supported yet"),
+    **{f: HONOURED for f in ("prompt", "logprobs", "echo")},
     "suffix": Refused("suffix (insertion) is not supported", example="end"),
     "best_of": HONOURED,            # equal to n; convert refuses any other value
     "add_special_tokens": Refused("prompts are encoded with the tokenizer's special tokens", _eq(True), False),
@@ -99,14 +93,11 @@ COMPLETIONS: dict[str, Any] = {
 
 CHAT: dict[str, Any] = {
     **_SAMPLING,
-    **{f: HONOURED for f in ("messages", "max_completion_tokens", "logprobs", "top_logprobs")},
+    **{f: HONOURED for f in ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
+                             "tool_choice", "parallel_tool_calls")},
     **{f: "ignored" for f in ("metadata", "store", "service_tier", "reasoning_effort", "verbosity",
                                "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
                                "safety_identifier", "moderation")},
-    # No effect without tools, which are refused until they are served.
-    "parallel_tool_calls": "ignored",
-    "tools": Refused("tool calls are not supported yet", example=[{"type": "function", "function": {"name": "f"}}]),
-    "tool_choice": Refused("tool calls are not supported yet", _eq("none"), "auto"),
     "functions": Refused("the legacy functions field is not supported; use tools", example=[{"name": "f"}]),
     "function_call": Refused("the legacy function_call field is not supported; use tool_choice",
                              _eq("none"), "auto"),

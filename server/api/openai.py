@@ -10,6 +10,7 @@ connection while they wait.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import AsyncIterator, Callable
@@ -18,15 +19,19 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
+from ..engine.grammar import Structured
 from ..engine.types import GenerationEvent
+from ..errors import InvalidRequest
 from ..registry import Lease
-from .convert import (ChoiceAccumulator, Plan, chat_logprobs, completion_logprobs, plan_chat,
-                      plan_completion, usage)
+from .convert import (ChoiceAccumulator, Plan, chat_logprobs, chat_message, completion_choice, plan_chat,
+                      plan_completion, usage, vllm_prompt_logprobs)
 from . import fields
 from .deps import AppState, require_inference
 from .observe import RequestRecord, adapter_label
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .streaming import chat_chunks, completion_chunks, merge
+from .structured import structured_of
+from .tools import plan_tools
 
 log = logging.getLogger("loraplex.api")
 router = APIRouter()
@@ -81,7 +86,7 @@ def _stream(state: AppState, plan: Plan, chunks: Callable, model: str, include_u
             streams: list[AsyncIterator[GenerationEvent]], lease: Lease, record: RequestRecord) -> EventSourceResponse:
     async def events() -> AsyncIterator[str]:
         try:
-            async for data in chunks(plan.id, model, streams, plan.prompt_tokens, include_usage):
+            async for data in chunks(plan, model, streams, include_usage):
                 yield data
         finally:
             _abort_all(state, plan)  # no-op for finished requests; stops the rest
@@ -90,9 +95,15 @@ def _stream(state: AppState, plan: Plan, chunks: Callable, model: str, include_u
     return EventSourceResponse(events(), ping=15)
 
 
-async def _run(request: Request, state: AppState, body, planner: Callable, chunks: Callable, route: str):
-    """The shared flow of both routes; returns the stream response or the accumulated choices."""
-    fields.check(body, route)
+async def _run(request: Request, state: AppState, body, planner: Callable, chunks: Callable, route: str,
+               forced: Structured | None = None):
+    """The shared flow of both routes; returns the stream response or the accumulated choices.
+    `forced`: the constraint a forced tool call puts on the reply."""
+    spec = structured_of(body)
+    if spec is not None and forced is not None:
+        raise InvalidRequest(f"{spec.param} cannot be combined with a forced tool call (tool_choice)",
+                             param=spec.param)
+    spec = spec or forced
     mix = [(a.name, a.weight) for a in body.adapters] if body.adapters else None
     lease = await state.registry.acquire(body.model, mix)  # an unknown model ends here: no metrics series
     record = RequestRecord(state.metrics, request_id=request.state.request_id, route=route, model=body.model,
@@ -102,8 +113,10 @@ async def _run(request: Request, state: AppState, body, planner: Callable, chunk
         plan = planner(body, state.engine.tokenizer, state.engine.context_length, state.config.server,
                        lease.adapter)
         record.prompt_tokens = plan.prompt_tokens
+        grammar = await state.engine.compile_structured(spec) if spec is not None else None
         for r in plan.requests:  # a per-request mix: its sources and weights, leased above
             r.mix = lease.mix
+            r.grammar = grammar
         if state.config.server.request_timeout_s:  # the engine ends it past this (408 / an error event)
             deadline = time.monotonic() + state.config.server.request_timeout_s
             for r in plan.requests:
@@ -126,12 +139,12 @@ async def _run(request: Request, state: AppState, body, planner: Callable, chunk
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: AppState = Depends(require_inference)):
+    fields.check(body, "/v1/completions")
     plan, result = await _run(request, state, body, plan_completion, completion_chunks, "/v1/completions")
     if not isinstance(result, list):
         return result if result is not None else JSONResponse({}, status_code=499)
-    choices = [{"index": i, "text": a.text, "finish_reason": a.finish_reason,
-                "logprobs": completion_logprobs(a.logprobs) if a.logprobs is not None else None}
-               for i, a in enumerate(result)]
+    choices = [completion_choice(plan, i, a.text, a.finish_reason, a.logprobs, a.prompt_logprobs,
+                                 body.logprobs is not None) for i, a in enumerate(result)]
     return {"id": plan.id, "object": "text_completion", "created": int(time.time()), "model": body.model,
             "choices": choices, "usage": usage(plan.prompt_tokens, sum(a.completion_tokens for a in result))}
 
@@ -139,12 +152,17 @@ async def completions(body: CompletionRequest, request: Request, state: AppState
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            state: AppState = Depends(require_inference)):
-    plan, result = await _run(request, state, body, plan_chat, chat_chunks, "/v1/chat/completions")
+    fields.check(body, "/v1/chat/completions")
+    tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, state.config.model.tool_parser)
+    plan, result = await _run(request, state, body, functools.partial(plan_chat, tools=tools), chat_chunks,
+                              "/v1/chat/completions", tools.structured() if tools is not None else None)
     if not isinstance(result, list):
         return result if result is not None else JSONResponse({}, status_code=499)
-    choices = [{"index": i, "message": {"role": "assistant", "content": a.text},
-                "logprobs": chat_logprobs(a.logprobs) if a.logprobs is not None else None,
-                "finish_reason": a.finish_reason}
+    choices = [{"index": i, **chat_message(plan, a.text, a.finish_reason),
+                "logprobs": chat_logprobs(a.logprobs) if a.logprobs is not None else None}
                for i, a in enumerate(result)]
-    return {"id": plan.id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
-            "choices": choices, "usage": usage(plan.prompt_tokens, sum(a.completion_tokens for a in result))}
+    out = {"id": plan.id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
+           "choices": choices, "usage": usage(plan.prompt_tokens, sum(a.completion_tokens for a in result))}
+    if plan.vllm_prompt_logprobs:  # vLLM's extension, on the response (one prompt for every choice)
+        out["prompt_logprobs"] = vllm_prompt_logprobs(result[0].prompt_logprobs or [])
+    return out

@@ -17,7 +17,7 @@ Float = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
 
 class StreamOptions(_Wire):
@@ -29,9 +29,32 @@ class AdapterWeight(_Wire):
     weight: Float
 
 
+class JsonSchemaFormat(_Wire):
+    name: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Wire):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Wire):
+    """vLLM's `structured_outputs` (the successor of its `guided_*` fields)."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None
+
+
 class SamplingFields(_Wire):
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo (convert checks)
     temperature: Float | None = Field(None, ge=0.0)
     top_p: Float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
@@ -48,10 +71,18 @@ class SamplingFields(_Wire):
     ignore_eos: bool = False
     repetition_penalty: Float = Field(1.0, gt=0.0, le=10.0)
     min_p: Float = Field(0.0, ge=0.0, le=1.0)
+    prompt_logprobs: int | None = Field(None, ge=0)   # vLLM's: each prompt token's logprob and top k
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     # OpenAI's: token id (as a string key) -> a bias added to its logit
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = Field(
         None, max_length=1024)
+    # structured outputs: OpenAI's field and vLLM's (see server/api/structured.py)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
     # loraplex extension: a per-request linear blend of loaded adapters (model = the base id)
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, max_length=8)
 
@@ -71,10 +102,44 @@ class TextPart(_Wire):
     text: str
 
 
+class FunctionCall(_Wire):
+    name: str
+    arguments: str = "{}"           # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Wire):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None     # an assistant's earlier calls
+    tool_call_id: str | None = None              # a tool message: the call it answers
+
+
+class FunctionDef(_Wire):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Wire):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Wire):
+    name: str
+
+
+class NamedToolChoice(_Wire):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -82,3 +147,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None

@@ -15,8 +15,9 @@ import time
 from typing import Any, AsyncIterator
 
 from ..engine.types import GenerationEvent
-from .convert import chat_logprobs, completion_logprobs, usage
+from .convert import Plan, chat_logprobs, completion_choice, usage, vllm_prompt_logprobs
 from .errors import describe
+from .tools import ToolStream
 
 _END = object()
 
@@ -59,23 +60,27 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-async def completion_chunks(rid: str, model: str, streams: list[AsyncIterator[GenerationEvent]],
-                            prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+async def completion_chunks(plan: Plan, model: str, streams: list[AsyncIterator[GenerationEvent]],
+                            include_usage: bool) -> AsyncIterator[str]:
+    rid, prompt_tokens = plan.id, plan.prompt_tokens
     created = int(time.time())
     completion_tokens = [0] * len(streams)
     offsets = [0] * len(streams)
+    first = [True] * len(streams)
     try:
         async for i, ev in merge(streams):
             completion_tokens[i] = ev.completion_tokens
-            lp = None
-            if ev.logprobs:
-                lp = completion_logprobs(ev.logprobs, offsets[i])
-                offsets[i] += sum(len(e.token) for e in ev.logprobs)
-            if not ev.text and not ev.finish_reason and lp is None:
+            choice = completion_choice(plan, i, ev.text, ev.finish_reason, ev.logprobs, ev.prompt_logprobs,
+                                       plan.requests[i].params.logprobs is not None, first=first[i],
+                                       offset=offsets[i])
+            first[i] = False
+            lp = choice["logprobs"]
+            if lp is not None and lp["tokens"]:
+                offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            if not choice["text"] and not ev.finish_reason and lp is None:
                 continue
             yield _dump({"id": rid, "object": "text_completion", "created": created, "model": model,
-                         "choices": [{"index": i, "text": ev.text, "logprobs": lp,
-                                      "finish_reason": ev.finish_reason}]})
+                         "choices": [choice]})
     except Exception as e:
         yield _dump(describe(e)[1])
         yield "[DONE]"
@@ -86,8 +91,19 @@ async def completion_chunks(rid: str, model: str, streams: list[AsyncIterator[Ge
     yield "[DONE]"
 
 
-async def chat_chunks(rid: str, model: str, streams: list[AsyncIterator[GenerationEvent]],
-                      prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+def _deltas(tools: ToolStream | None, ev: GenerationEvent) -> list[dict[str, Any]]:
+    """One event's chat deltas: its text, or what the tool-call stream makes of it."""
+    if tools is None:
+        return [{"content": ev.text}] if ev.text else []
+    out = tools.feed(ev.text)
+    if ev.finish_reason:
+        out += tools.finish(complete=ev.finish_reason == "stop")
+    return out
+
+
+async def chat_chunks(plan: Plan, model: str, streams: list[AsyncIterator[GenerationEvent]],
+                      include_usage: bool) -> AsyncIterator[str]:
+    rid, prompt_tokens = plan.id, plan.prompt_tokens
     created = int(time.time())
     completion_tokens = [0] * len(streams)
 
@@ -95,6 +111,7 @@ async def chat_chunks(rid: str, model: str, streams: list[AsyncIterator[Generati
         return _dump({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                       "choices": choices})
 
+    tools = [ToolStream(plan.tools) if plan.tools is not None else None for _ in streams]
     # The first chunk of each choice carries the role, as OpenAI's do.
     for i in range(len(streams)):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -103,10 +120,20 @@ async def chat_chunks(rid: str, model: str, streams: list[AsyncIterator[Generati
         async for i, ev in merge(streams):
             completion_tokens[i] = ev.completion_tokens
             lp = chat_logprobs(ev.logprobs) if ev.logprobs else None
-            if not ev.text and not ev.finish_reason and lp is None:
+            deltas = _deltas(tools[i], ev)
+            finish = ev.finish_reason
+            if finish == "stop" and tools[i] is not None and tools[i].calls:
+                finish = "tool_calls"
+            extra = {}
+            if ev.prompt_logprobs is not None and plan.vllm_prompt_logprobs:
+                extra["prompt_logprobs"] = vllm_prompt_logprobs(ev.prompt_logprobs)
+            elif not deltas and not finish and lp is None:
                 continue
-            delta = {"content": ev.text} if ev.text else {}
-            yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}])
+            deltas = deltas or [{}]
+            for k, delta in enumerate(deltas):
+                last = k == len(deltas) - 1
+                yield chunk([{"index": i, "delta": delta, "logprobs": lp if k == 0 else None,
+                              "finish_reason": finish if last else None, **(extra if k == 0 else {})}])
     except Exception as e:
         yield _dump(describe(e)[1])
         yield "[DONE]"

@@ -38,6 +38,7 @@ class KVSeq:
     block_table: list[int] = field(default_factory=list)
     digests: list[bytes] = field(default_factory=list)  # one per full, computed block, in order
     cached_tokens: int = 0          # prompt tokens found in the prefix cache at its last admission
+    lookup: bool = True             # False: compute every token (prompt logprobs need each one's logits)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -87,7 +88,7 @@ class BlockManager:
     def match(self, seq: KVSeq) -> list[int]:
         """Cached blocks holding the longest cached prefix of `seq` (at most len-1 tokens: the last
         token is always computed, so that there are logits to sample from)."""
-        if not self.prefix_caching:
+        if not self.prefix_caching or not seq.lookup:
             return []
         full = (len(seq) - 1) // self.block_size
         found: list[int] = []

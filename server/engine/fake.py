@@ -14,6 +14,7 @@ The default reply names the adapter and echoes the end of the prompt:
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, AsyncIterator, Callable, Sequence as Seq
 from ..errors import InvalidAdapter, NotFound, NotReady, Overloaded, RequestTimeout
 from ..lora.blend import BlendSpec
 from ..lora.weights import AdapterInfo, describe_adapter, read_adapter
+from .grammar import Grammars, LazyGrammars, Structured
 from .sequence import Sequence
 from .types import EngineStats, GenerationEvent, GenerationRequest, TokenLogprob
 
@@ -36,8 +38,13 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        text = "".join(f"<{m['role']}>{m.get('content') or ''}\n" for m in messages)
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+        text = "".join(f"<tool>{json.dumps(t['function']['name'])}\n" for t in tools or [])
+        for m in messages:
+            calls = "".join(f"<call>{json.dumps(c['function'])}" for c in m.get("tool_calls", []))
+            answers = f"<answers {m['tool_call_id']}>" if "tool_call_id" in m else ""
+            text += f"<{m['role']}>{answers}{m.get('content') or ''}{calls}\n"
         return self.encode(text + ("<assistant>" if add_generation_prompt else ""))
 
     def decode(self, ids: Seq[int], skip_special_tokens: bool = True) -> str:
@@ -78,6 +85,9 @@ class FakeEngine:
         self.submitted: list[GenerationRequest] = []   # every request, for tests to inspect
         self.aborted: set[str] = set()
         self.running: set[str] = set()
+        self.structured: list[Structured] = []         # every constraint compiled, for tests
+        self._grammars = LazyGrammars(lambda: Grammars.from_raw_vocab([bytes([i]) for i in range(256)] + [b"</s>"],
+                                                                      [EOS]))
 
     @property
     def ready(self) -> bool:
@@ -113,6 +123,13 @@ class FakeEngine:
         self.running.add(request.request_id)
         return self._generate(request)
 
+    async def compile_structured(self, s: Structured) -> object:
+        """Compiled against the byte vocabulary, so a bad schema is refused as the real engine
+        refuses it; the fake's scripted replies are not constrained (tests script valid ones)."""
+        compiled = await asyncio.to_thread(self._grammars.compile, s)
+        self.structured.append(s)
+        return compiled
+
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self.running), waiting=0, kv_cache_tokens=0)
 
@@ -123,8 +140,15 @@ class FakeEngine:
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         seq = Sequence(request, self._tok, [EOS])
         reply = self._tok.encode(self.script(request, self._tok.decode(request.prompt_ids)))
+        prompt_lps = self._prompt_logprobs(request)
         done = False
         try:
+            if request.params.max_tokens == 0:  # the prompt scored, nothing generated
+                await asyncio.sleep(0)
+                done = True
+                yield GenerationEvent(request.request_id, finish_reason="length", queue_time=0.0,
+                                      prompt_tokens=len(request.prompt_ids), prompt_logprobs=prompt_lps)
+                return
             step = 0
             while True:
                 if request.request_id in self.aborted:
@@ -148,7 +172,7 @@ class FakeEngine:
                     lp = TokenLogprob(tok, self._tok.token_text(tok), -0.25, top)
                 ev = seq.append(tok, lp)
                 if step == 1:
-                    ev.queue_time = 0.0
+                    ev.queue_time, ev.prompt_logprobs = 0.0, prompt_lps
                 yield ev
                 if seq.finished:
                     done = True
@@ -157,6 +181,19 @@ class FakeEngine:
             if not done:
                 self.aborted.add(request.request_id)
             self.running.discard(request.request_id)
+
+    def _prompt_logprobs(self, request: GenerationRequest) -> list[TokenLogprob] | None:
+        """Scripted prompt logprobs: token i + 1 gets -0.5 * (i + 1), rank i + 1; its top k are itself
+        and the ids after it."""
+        k = request.params.prompt_logprobs
+        if k is None:
+            return None
+        out = []
+        for i, t in enumerate(request.prompt_ids[1:]):
+            lp = -0.5 * (i + 1)
+            top = tuple((u % 256, self._tok.token_text(u % 256), lp - j) for j, u in enumerate(range(t, t + k)))
+            out.append(TokenLogprob(t, self._tok.token_text(t), lp, top, i + 1))
+        return out
 
     async def load_adapter(self, name: str, path: Path, *, check_rank: bool = True) -> AdapterInfo:
         info = read_adapter(path, max_rank=self.max_lora_rank if check_rank else 1 << 30).info

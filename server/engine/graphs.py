@@ -69,7 +69,7 @@ class DecodeGraphs:
     def fits(self, items: list["StepItem"]) -> bool:
         if self.failed or not 0 < len(items) <= self.rows[-1]:
             return False
-        return (all(len(it.tokens) == 1 and it.sample and not it.mix for it in items)
+        return (all(len(it.tokens) == 1 and it.sample and not it.mix and not it.all_logits for it in items)
                 and max(it.pos for it in items) < self.max_len)
 
     def _shape(self, items: list["StepItem"]) -> tuple[int, int]:

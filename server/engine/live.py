@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import NotFound
+from ..errors import NotFound, NotReady
 from ..lora.slots import AdapterSlots
 from .blocks import KVSeq
 from .detokenize import Decoder
+from .grammar import Grammars
 from .output import Sink
-from .sampling import RowState, make_generator
+from .sampling import RowState, make_generator, prompt_logprobs
 from .sequence import Sequence
-from .types import GenerationRequest
+from .types import GenerationRequest, TokenLogprob
 
 
 @dataclass
@@ -44,13 +45,28 @@ class Live:
     slot: int                       # LoRA slot, -1 for the base model (and for a mix)
     mix: tuple[tuple[int, float], ...] = ()  # a per-request mix: (slot, weight) per source
     started: bool = False           # scheduled at least once (queue_time sent)
+    # Prompt logprobs when asked: entry i for prompt token i + 1, filled chunk by chunk (a
+    # recompute after preemption writes the same entries again).
+    prompt_lps: list[TokenLogprob | None] | None = None
+
+    def wants_prompt_logits(self) -> bool:
+        """The next chunk still holds prompt tokens whose logprobs are asked for."""
+        return self.prompt_lps is not None and self.kv.num_computed < len(self.pending.request.prompt_ids) - 1
+
+    def record_prompt_logprobs(self, pos: int, logits: torch.Tensor) -> None:
+        """logits: (n, V) of the chunk at positions pos..pos+n-1; row j predicts token pos+j+1."""
+        prompt = self.pending.request.prompt_ids
+        nxt = prompt[pos + 1:min(pos + logits.shape[0] + 1, len(prompt))]
+        for j, entry in enumerate(prompt_logprobs(logits, nxt, self.pending.request.params.prompt_logprobs or 0)):
+            self.prompt_lps[pos + j] = entry
 
     @property
     def request_id(self) -> str:
         return self.pending.request.request_id
 
 
-def admit(p: Pending, slots: AdapterSlots, decoder: Decoder, eos: list[int], device: torch.device) -> Live:
+def admit(p: Pending, slots: AdapterSlots, decoder: Decoder, eos: list[int], device: torch.device,
+          grammars: Grammars | None = None) -> Live:
     """The live state of a submitted request; NotFound when an adapter it names is not in a slot
     (the registry leases what a request names, so that is a bug upstream)."""
     req = p.request
@@ -59,11 +75,17 @@ def admit(p: Pending, slots: AdapterSlots, decoder: Decoder, eos: list[int], dev
     if missing:
         raise NotFound(f"adapter {missing[0]!r} is not loaded", code="model_not_found")
     seq = Sequence(req, decoder, eos)
-    sampler = RowState(req.params, req.prompt_ids, [], frozenset(seq.stop_ids), make_generator(req.params.seed, device))
+    sampler = RowState(req.params, req.prompt_ids, [], frozenset(seq.stop_ids), make_generator(req.params.seed, device),
+                       grammars.matcher(req.grammar) if req.grammar is not None and grammars is not None else None)
+    if req.grammar is not None and sampler.matcher is None:
+        raise NotReady("structured outputs are not ready in this engine", code="not_ready")
     if req.mix:  # its prefix-cache identity: the sources' identities and weights
         identity = "mix:" + ",".join(f"{slots.identity_of[n]}*{w!r}" for n, w in req.mix)
     else:
         identity = slots.identity_of[req.adapter] if req.adapter is not None else ""
-    kv = KVSeq(req.request_id, list(req.prompt_ids), identity=identity)
+    # Prompt logprobs need every prompt token's logits, so such a request skips the prefix cache.
+    wants = req.params.prompt_logprobs is not None
+    kv = KVSeq(req.request_id, list(req.prompt_ids), identity=identity, lookup=not wants)
     slot = slots.slot_of[req.adapter] if req.adapter is not None else -1
-    return Live(p, seq, sampler, kv, slot, slots.mix_slots(req.mix) if req.mix else ())
+    return Live(p, seq, sampler, kv, slot, slots.mix_slots(req.mix) if req.mix else (),
+                prompt_lps=[None] * (len(req.prompt_ids) - 1) if wants else None)

@@ -35,6 +35,7 @@ from ..lora.slots import Prepared, prepare
 from ..lora.weights import AdapterInfo, read_adapter
 from ..model import LoadedModel, load_model
 from .blocks import BlockManager
+from .grammar import Grammars, LazyGrammars, Structured
 from .live import Live, Pending, admit
 from .loading import file_key, pool_blocks, prepare_blend
 from .output import ErrorOut, OutputProcessor, Sink, TokenOut
@@ -101,6 +102,7 @@ class TorchEngine:
         self._out: OutputProcessor | None = None
         self._context = 0
         self._eos: list[int] = []
+        self._grammars = LazyGrammars(self._build_grammars)
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -187,6 +189,16 @@ class TorchEngine:
         with self._lock:
             if request_id in self._active:
                 self._aborted.add(request_id)
+
+    async def compile_structured(self, s: Structured) -> object:
+        """Compile a structured-output constraint (off the event loop); InvalidRequest if it cannot be."""
+        if not self.ready:
+            raise NotReady("the engine is not serving (loading or shutting down)", code="not_ready")
+        return await asyncio.to_thread(self._grammars.compile, s)
+
+    def _build_grammars(self) -> Grammars:
+        vocab = int(self._runner.model.get_output_embeddings().weight.shape[0])  # the logits' width
+        return Grammars.from_tokenizer(self._prompt_tok.clone().tok, vocab, self._eos)
 
     # -- adapters: prepared on the loader thread, installed between steps ----------------
     async def _off_thread(self, fn: Callable[[], object]):
@@ -304,8 +316,8 @@ class TorchEngine:
                     self._finish(req.request_id)
                 continue
             try:
-                lv = admit(p, slots, self._decoder, self._eos, self._runner.device)
-            except NotFound as e:
+                lv = admit(p, slots, self._decoder, self._eos, self._runner.device, self._grammars.grammars)
+            except (NotFound, NotReady) as e:
                 self._fail_pending([p], e)
                 continue
             self._live[req.request_id] = lv
@@ -370,38 +382,65 @@ class TorchEngine:
         t0 = time.perf_counter()
         lives = [self._live[kv.seq_id] for kv, _ in step.items]
         items = [StepItem(kv.tokens[kv.num_computed:kv.num_computed + n], kv.num_computed, kv.block_table, lv.slot,
-                          kv.num_computed + n == len(kv), lv.mix) for (kv, n), lv in zip(step.items, lives)]
+                          kv.num_computed + n == len(kv), lv.mix, lv.wants_prompt_logits())
+                 for (kv, n), lv in zip(step.items, lives)]
         try:
             logits = self._runner.run(items)
             sched.done(step)
-            self._sample_and_emit([lv for lv, it in zip(lives, items) if it.sample], logits, now)
+            self._sample_and_emit(*self._split(lives, items, logits), now)
         except Exception as e:
             log.exception("engine step failed; failing its %d requests", len(lives))
             self._fail(lives, LoraplexError(f"engine error: {type(e).__name__}: {e}", code="engine_error"))
         self._report(step.num_tokens, t0)
         return True
 
-    def _sample_and_emit(self, lives: list[Live], logits, now: float) -> None:
+    def _split(self, lives: list[Live], items: list[StepItem], logits: torch.Tensor):
+        """Record prompt logprobs from their chunks' rows; (sequences to sample, their logits rows,
+        sequences whose prompt is scored and that generate nothing: max_tokens 0)."""
+        if not any(it.all_logits for it in items) and all(lv.sampler.params.max_tokens for lv in lives):
+            return [lv for lv, it in zip(lives, items) if it.sample], logits, []
+        rows, sampling, scored, off = [], [], [], 0
+        for lv, it in zip(lives, items):
+            if it.all_logits:
+                lv.record_prompt_logprobs(it.pos, logits[off:off + it.rows])
+            if it.sample and lv.sampler.params.max_tokens == 0:
+                scored.append(lv)
+            elif it.sample:
+                sampling.append(lv)
+                rows.append(off + it.rows - 1)
+            off += it.rows
+        return sampling, logits[rows], scored
+
+    def _sample_and_emit(self, lives: list[Live], logits, scored: list[Live], now: float) -> None:
         """One token per sequence that reached its last token; hand the step's tokens to the
-        output thread in one batch; end the sequences a token rule finished."""
+        output thread in one batch; end the sequences a token rule finished (and the scored ones)."""
+        batch: list[TokenOut | ErrorOut] = []
+        for lv in scored:
+            batch.append(TokenOut(lv.pending.sink, lv.seq, -1, None, True, now - lv.pending.submitted,
+                                  lv.prompt_lps))
+            self._drop(lv)
+            with self._lock:
+                self._finish(lv.request_id)
         if not lives:
+            self._out.put(batch)
             return
         picks = sample(logits, [lv.sampler for lv in lives], _unnamed)  # the output thread names tokens
         with self._lock:
             aborted = {lv.request_id for lv in lives if lv.request_id in self._aborted}
-        batch: list[TokenOut | ErrorOut] = []
         for lv, (tok, lp) in zip(lives, picks):
             if lv.request_id in aborted:
                 continue  # _reap ends it before the next step
+            if lv.sampler.matcher is not None and not lv.sampler.matcher.accept_token(tok):
+                raise RuntimeError(f"{lv.request_id}: the grammar refused token {tok} its own mask allowed")
             lv.kv.tokens.append(tok)
             out = lv.sampler.output_ids
             out.append(tok)
             finished = token_finish(lv.sampler.params, lv.sampler.stop_ids, tok, len(out)) is not None
-            queue_time = None
+            queue_time, prompt_lps = None, None
             if not lv.started:
                 lv.started = True
-                queue_time = now - lv.pending.submitted
-            batch.append(TokenOut(lv.pending.sink, lv.seq, tok, lp, finished, queue_time))
+                queue_time, prompt_lps = now - lv.pending.submitted, lv.prompt_lps
+            batch.append(TokenOut(lv.pending.sink, lv.seq, tok, lp, finished, queue_time, prompt_lps))
             if finished:
                 self._drop(lv)
                 with self._lock:

@@ -44,10 +44,11 @@ class Sink:
 class TokenOut:
     sink: Sink
     seq: Sequence                   # touched only by the output thread once handed over
-    token: int
+    token: int                      # -1: no token; the request scored its prompt only (max_tokens 0)
     logprob: TokenLogprob | None    # token texts still empty: named here
     finished: bool                  # the engine ended the request with this token (a token rule)
     queue_time: float | None = None  # set on the request's first token
+    prompt_logprobs: list[TokenLogprob] | None = None  # with the first token, when asked (named here)
 
 
 @dataclass
@@ -110,8 +111,15 @@ class OutputProcessor:
                 seq = item.seq
                 if seq.finished:
                     continue  # computed after a stop string ended it; the abort is on its way
-                ev = seq.append(item.token, name_tokens(item.logprob, self.token_text))
+                if item.token < 0:
+                    seq.finish_reason = "length"
+                    ev = GenerationEvent(seq.request_id, finish_reason="length",
+                                         prompt_tokens=len(seq.request.prompt_ids))
+                else:
+                    ev = seq.append(item.token, name_tokens(item.logprob, self.token_text))
                 ev.queue_time = item.queue_time
+                if item.prompt_logprobs is not None:
+                    ev.prompt_logprobs = [name_tokens(lp, self.token_text) for lp in item.prompt_logprobs]
                 if seq.finished and not item.finished:
                     self.on_stop(seq.request_id)
             by_loop.setdefault(item.sink.loop, []).append((item.sink.queue, ev))

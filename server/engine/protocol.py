@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
 from ..lora.blend import BlendSpec
 from ..lora.weights import AdapterInfo
+from .grammar import Structured
 from .types import EngineStats, GenerationEvent, GenerationRequest
 
 
@@ -24,8 +25,10 @@ class PromptTokenizer(Protocol):
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Render messages with the model's own template (and the assistant's generation prompt)."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Render messages (and tools) with the model's own template and the assistant's
+        generation prompt; InvalidRequest for a template that would drop the tools."""
         ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
@@ -64,6 +67,11 @@ class Engine(Protocol):
         ...
 
     def abort(self, request_id: str) -> None: ...
+
+    async def compile_structured(self, s: Structured) -> Any:
+        """Compile a structured-output constraint for `GenerationRequest.grammar`;
+        InvalidRequest (naming `s.param`) for one that does not compile."""
+        ...
 
     def stats(self) -> EngineStats:
         """Cheap, thread-safe snapshot; read at every metrics scrape."""

@@ -44,6 +44,12 @@ class StepItem:
     slot: int = -1                  # LoRA slot, -1 for the base model
     sample: bool = True             # the chunk ends at the sequence's last token: return its logits
     mix: tuple[tuple[int, float], ...] = ()  # a per-request mix: (slot, weight) pairs (slot is then -1)
+    all_logits: bool = False        # return the logits of every token of the chunk (prompt logprobs)
+
+    @property
+    def rows(self) -> int:
+        """How many logits rows `run` returns for this item."""
+        return len(self.tokens) if self.all_logits else int(self.sample)
 
 
 def model_geometry(config) -> tuple[int, int, int]:
@@ -102,7 +108,8 @@ class ModelRunner:
         return (bt.unsqueeze(1) * self.block_size + self._offsets).reshape(-1)[:upto]
 
     def run(self, items: list[StepItem]) -> torch.Tensor:
-        """One forward over every item; (number of items with sample=True, vocab) logits, in item order."""
+        """One forward over every item; (sum of item.rows, vocab) logits, in item order: an item's last
+        token's row when it samples, every token's row for `all_logits` (the last is the sample row)."""
         if self.graphs is not None and self.graphs.fits(items):
             return self.graphs.run(items)
         return self.run_packed(items)
@@ -128,14 +135,14 @@ class ModelRunner:
                 else:
                     segments.append((it.slot, t, t + n, 1.0))
             segments.extend((slot, t, t + n, w) for slot, w in it.mix)
-            if it.sample:
-                keep[i] = t + n - 1
+            if it.rows:
+                keep[i] = range(t + n - it.rows, t + n)
             t += n
         dev = self.device
         batch = AttnBatch(torch.cat(slot_map).to(dev), spans, dev, self.kv.pad_slot)
         ctx = StepContext(self.kv, batch, self.attention)
         sampled = [i for i in range(len(items)) if i in keep]
-        rows = torch.tensor([keep[i] for i in sampled], dtype=torch.long, device=dev)
+        rows = torch.tensor([r for i in sampled for r in keep[i]], dtype=torch.long, device=dev)
         self.pool.batch = LoraBatch(segments, t, dev)
         try:
             out = self.model(input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([pos], device=dev),

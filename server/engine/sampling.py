@@ -6,7 +6,8 @@ logits processors take one setting for the whole batch, and a batch here mixes
 requests with different settings, so this module does it with per-row tensors.
 
 Order (as in vLLM and transformers): penalties → logit_bias → min_tokens mask →
-greedy argmax, or temperature → min-p → top-k → top-p → sample. Reported logprobs are those
+grammar mask (structured outputs, `grammar.py`; last, so no bias can reach a token
+the grammar forbids) → greedy argmax, or temperature → min-p → top-k → top-p → sample. Reported logprobs are those
 of the model's raw distribution (log_softmax of the logits), as OpenAI and
 vLLM report them.
 
@@ -18,10 +19,11 @@ global generator.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from .grammar import apply_masks
 from .types import SamplingParams, TokenLogprob
 
 
@@ -34,6 +36,7 @@ class RowState:
     output_ids: list[int] = field(default_factory=list)
     stop_ids: frozenset[int] = frozenset()
     generator: torch.Generator | None = None
+    matcher: Any = None             # an xgrammar matcher for a constrained row; the engine advances it
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -115,6 +118,9 @@ def sample(
     if any(len(r.output_ids) < r.params.min_tokens for r in rows):
         logits = logits.clone()
         _mask_stops_before_min_tokens(logits, rows)
+    if any(r.matcher is not None for r in rows):
+        logits = logits.clone()
+        apply_masks(logits, [r.matcher for r in rows])
 
     device = logits.device
     tokens = torch.empty(len(rows), dtype=torch.long, device=device)
@@ -160,3 +166,21 @@ def sample(
             entry = TokenLogprob(tok, token_text(tok), float(lp[tok]), top)
         results.append((tok, entry))
     return results
+
+
+def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], k: int) -> list[TokenLogprob]:
+    """The logprob, rank and top k of each token given the tokens before it.
+
+    logits: (n, V), row j the model's output at the position before next_ids[j]. Raw
+    log_softmax, as for generated tokens; token texts are left empty for the output thread.
+    """
+    lp = logits[:len(next_ids)].float().log_softmax(dim=-1)
+    ids = torch.tensor(next_ids, dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, ids.unsqueeze(1)).squeeze(1)
+    ranks = (lp > chosen.unsqueeze(1)).sum(dim=-1) + 1
+    top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (None, None)
+    out = []
+    for j, (tid, v, rank) in enumerate(zip(next_ids, chosen.tolist(), ranks.tolist())):
+        top = tuple((t, "", x) for t, x in zip(top_i[j].tolist(), top_v[j].tolist())) if k > 0 else ()
+        out.append(TokenLogprob(tid, "", v, top, rank))
+    return out

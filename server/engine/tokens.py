@@ -29,12 +29,18 @@ class HFPromptTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        if not getattr(self.tok, "chat_template", None):
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+        template = getattr(self.tok, "chat_template", None)
+        if not template:
             raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
+        if tools and "tools" not in template:  # it would render the messages and drop the tools
+            raise InvalidRequest("this model's chat template does not render tools; set model.chat_template to "
+                                 "one that does (deploy/templates/hermes-tools.jinja)", param="tools",
+                                 code="tools_not_in_template")
         try:
             text = self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                tokenize=False)
+                                                tokenize=False, tools=tools or None)
         except Exception as e:  # jinja2 TemplateError and friends: the messages broke the template
             raise InvalidRequest(f"the chat template refused these messages: {e}", param="messages") from None
         return list(self.tok.encode(text, add_special_tokens=False))

@@ -9,6 +9,7 @@ converts its pydantic models into them once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class SamplingParams:
     logprobs: int | None = None     # None = off; k = the chosen token plus the top k
     min_p: float = 0.0              # 0 = off; drop tokens below min_p times the likeliest one's probability
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    # None = off; k = each prompt token's logprob (from the prefill's own forward) plus the top k.
+    # max_tokens may be 0 then: the prompt is scored and nothing is generated.
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -44,6 +48,9 @@ class GenerationRequest:
     # adapter's delta times its weight, which is PEFT's "cat" blend of them (adapter is then None).
     mix: tuple[tuple[str, float], ...] = ()
     deadline: float | None = None   # time.monotonic() after which the engine ends it with RequestTimeout
+    # A structured-output constraint, compiled by the engine's `compile_structured` (grammar.py);
+    # each token the engine samples for this request is one its grammar allows.
+    grammar: Any = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class TokenLogprob:
     token: str                      # the token's own text
     logprob: float
     top: tuple[tuple[int, str, float], ...] = ()  # (id, text, logprob), best first
+    rank: int | None = None         # prompt tokens: 1 + how many tokens the model found likelier
 
 
 @dataclass
@@ -72,6 +80,9 @@ class GenerationEvent:
     completion_tokens: int = 0
     error: Exception | None = None  # set when the engine failed this request
     queue_time: float | None = None  # on a request's first event: seconds it waited before its prefill
+    # On a request's first event when it asked for prompt_logprobs: one per prompt token after
+    # the first (the first has nothing before it to be predicted from).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ BAD_COMPLETIONS = [
     ({"model": "fake-model", "prompt": 5}, "prompt"),
     ({"model": "fake-model"}, "prompt"),
     ({"prompt": "x"}, "model"),
-    ({"model": "fake-model", "prompt": "x", "echo": True}, "echo"),
+    ({"model": "fake-model", "prompt": "x", "echo": True, "suffix": "y"}, "suffix"),
     ({"model": "fake-model", "prompt": "x", "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
     ({"model": "fake-model", "prompt": "x", "seed": 2**70}, "seed"),
     ({"model": "fake-model", "prompt": "x", "stream": "maybe"}, "stream"),

@@ -61,10 +61,9 @@ def test_neutral_values_and_ignored_fields_pass(client, route):
 
 
 @pytest.mark.parametrize("message,param", [
-    ({"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function",
-                                                           "function": {"name": "f", "arguments": "{}"}}]},
-     "messages.1.tool_calls"),
-    ({"role": "tool", "content": "42", "tool_call_id": "c"}, "messages.1.role"),
+    ({"role": "assistant", "content": "", "function_call": {"name": "f", "arguments": "{}"}},
+     "messages.1.function_call"),
+    ({"role": "assistant", "content": "", "audio": {"id": "a1"}}, "messages.1.audio"),
     ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}, "messages.1.content"),
 ])
 def test_message_parts_that_would_be_dropped_are_refused(client, message, param):
