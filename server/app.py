@@ -29,6 +29,7 @@ from .api.admin import router as admin_router
 from .api.jobs import router as jobs_router
 from .api.models import router as models_router
 from .api.openai import router as openai_router
+from .api.responses import router as responses_router
 from .api.ops import router as ops_router
 
 log = logging.getLogger("loraplex.app")
@@ -132,6 +133,7 @@ def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_fai
     app.include_router(ops_router)
     app.include_router(models_router)
     app.include_router(openai_router)
+    app.include_router(responses_router)
     app.include_router(admin_router)
     app.include_router(jobs_router)
     return app

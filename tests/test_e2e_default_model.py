@@ -128,3 +128,39 @@ def test_sample_adapters_answer_in_their_own_styles(client):
     assert ask("terse") == "Paris."
     pirate = ask("pirate")
     assert "Paris" in pirate and " be " in pirate and pirate != base
+
+
+@pytest.mark.parametrize("model", [DEFAULT_MODEL_ID, "pirate"])
+def test_parse_returns_a_pydantic_object(client, model):
+    """Structured outputs on the real model: the openai client's parse() gets a valid object."""
+    from pydantic import BaseModel, Field
+
+    class Capital(BaseModel):
+        country: str = Field(max_length=30)
+        capital: str = Field(max_length=30)
+        population_millions: int = Field(ge=0, le=100)
+
+    out = client.chat.completions.parse(model=model, temperature=0, max_tokens=80, response_format=Capital,
+                                        messages=FRANCE)
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert isinstance(choice.message.parsed, Capital)
+    assert choice.message.parsed == Capital.model_validate_json(choice.message.content)
+
+
+def test_echo_scores_the_prompt_with_the_adapter(client, default_folder, store):
+    """lm-eval's loglikelihood request on the real model: the prompt's logprobs are PEFT's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_folder)
+    ids = tok("The capital of France is Paris").input_ids
+    out = client.completions.create(model="demo", prompt=[ids], max_tokens=0, echo=True, logprobs=1, temperature=0)
+    got = out.choices[0].logprobs.token_logprobs
+    base = AutoModelForCausalLM.from_pretrained(default_folder, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, store / "demo").eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert got[0] is None and len(got) == len(ids)
+    assert max(abs(g - float(ref[i, t])) for i, (g, t) in enumerate(zip(got[1:], ids[1:]))) < 1e-3
+    assert out.choices[0].text == tok.decode(ids)

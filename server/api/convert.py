@@ -106,9 +106,15 @@ def _token_ids(body: SamplingFields, vocab: int) -> tuple[tuple[tuple[int, float
     return tuple(sorted(bias)), stops
 
 
+def _bad_words(words: list[str] | None, tok: PromptTokenizer) -> tuple[tuple[int, ...], ...]:
+    """Each word's token sequences, as vLLM bans them: the word alone and after a space."""
+    seqs = {tuple(tok.encode(v, add_special_tokens=False)) for w in words or () for v in (w, " " + w)}
+    return tuple(sorted(s for s in seqs if s))
+
+
 def _params(body: SamplingFields, max_tokens: int, stops: tuple[str, ...], logprobs: int | None,
-            seed: int | None, vocab: int, prompt_logprobs: int | None = None) -> SamplingParams:
-    bias, stop_ids = _token_ids(body, vocab)
+            seed: int | None, tok: PromptTokenizer, prompt_logprobs: int | None = None) -> SamplingParams:
+    bias, stop_ids = _token_ids(body, tok.vocab_size)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -125,6 +131,7 @@ def _params(body: SamplingFields, max_tokens: int, stops: tuple[str, ...], logpr
         min_p=body.min_p,
         logit_bias=bias,
         stop_token_ids=stop_ids,
+        bad_words=_bad_words(body.bad_words, tok),
         prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else body.prompt_logprobs,
     )
 
@@ -187,7 +194,7 @@ def plan_completion(body: CompletionRequest, tok: PromptTokenizer, context: int,
     def params_for(ids: list[int], seed: int | None) -> SamplingParams:
         mt = _max_tokens(body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, len(ids), context, cfg, "max_tokens",
                          "prompt")
-        return _params(body, mt, stops, body.logprobs, seed, tok.vocab_size, max(wanted) if wanted else None)
+        return _params(body, mt, stops, body.logprobs, seed, tok, max(wanted) if wanted else None)
 
     rid = f"cmpl-{uuid.uuid4().hex}"
     echo = None
@@ -247,8 +254,7 @@ def plan_chat(body: ChatCompletionRequest, tok: PromptTokenizer, context: int, c
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     mt = _max_tokens(asked, None, len(ids), context, cfg, param, "messages")
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    reqs = _choices([ids], body, adapter, rid, lambda _ids, seed: _params(body, mt, stops, top, seed,
-                                                                               tok.vocab_size))
+    reqs = _choices([ids], body, adapter, rid, lambda _ids, seed: _params(body, mt, stops, top, seed, tok))
     return Plan(rid, reqs, len(ids), vllm_prompt_logprobs=body.prompt_logprobs is not None, tools=tools)
 
 

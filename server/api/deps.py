@@ -82,7 +82,7 @@ LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 # Every route belongs to one class; a route in none is a build failure (tests/api/test_routes.py).
 PUBLIC_PATHS = {"/health", "/ready", "/openapi.json"}
 ADMIN_ALIASES = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
-INFERENCE_ROOT = {"/tokenize", "/detokenize"}   # vLLM serves these outside /v1
+INFERENCE_ROOT = {"/tokenize", "/detokenize", "/tokenizer_info"}   # vLLM serves these outside /v1
 
 
 def route_class(path: str) -> str | None:

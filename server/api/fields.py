@@ -51,6 +51,8 @@ IGNORED_WHY = {
     "moderation": "OpenAI's moderation service; none runs here",
     "priority": "vLLM's scheduling priority (requests here are served first come, first served)",
     "request_id": "vLLM's caller-chosen request id; logs here use the server's own",
+    "reasoning": "reasoning settings; the served models do not reason",
+    "stream_options": "on /v1/responses: stream obfuscation settings, which change no token",
 }
 
 _SAMPLING: dict[str, Any] = {
@@ -59,11 +61,11 @@ _SAMPLING: dict[str, Any] = {
         "presence_penalty", "frequency_penalty", "logit_bias",
         # vLLM's extensions (through extra_body)
         "top_k", "min_p", "min_tokens", "ignore_eos", "repetition_penalty", "stop_token_ids", "prompt_logprobs",
+        "bad_words",
         # loraplex's: a per-request blend
         "adapters")},
     "use_beam_search": Refused("beam search is not supported"),
     "length_penalty": Refused("length_penalty applies to beam search, which is not supported", _eq(1, 1.0), 0.5),
-    "bad_words": Refused("bad_words is not supported; use logit_bias with -100 for single tokens", example=["x"]),
     "allowed_token_ids": Refused("allowed_token_ids is not supported; use logit_bias", example=[1]),
     "include_stop_str_in_output": Refused("the stop string is never included in the output"),
     "skip_special_tokens": Refused("special tokens are always skipped in the text", _eq(True), False),
@@ -115,7 +117,30 @@ CHAT: dict[str, Any] = {
     "mm_processor_kwargs": Refused("multimodal inputs are not supported", example={"x": 1}),
 }
 
-TABLES = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT}
+RESPONSES: dict[str, Any] = {
+    **{f: HONOURED for f in ("model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "text",
+                             "tools", "tool_choice", "parallel_tool_calls", "stream")},
+    **{f: "ignored" for f in ("user", "metadata", "service_tier", "prompt_cache_key", "prompt_cache_options",
+                               "prompt_cache_retention", "safety_identifier", "moderation", "stream_options")},
+    "reasoning": "ignored",         # the served models do not reason
+    "store": Refused("nothing is stored on this server (send store: false)", example=True),
+    "previous_response_id": Refused("no response is stored on this server; send the whole conversation in input",
+                                    example="resp_1"),
+    "conversation": Refused("no conversation is stored on this server; send it in input", example="conv_1"),
+    "background": Refused("background responses are not supported", example=True),
+    "background_options": Refused("background responses are not supported", example={"a": 1}),
+    "prompt": Refused("stored prompt templates are not supported", example={"id": "pmpt_1"}),
+    "include": Refused("extra outputs (include) are not supported", example=["message.output_text.logprobs"]),
+    "top_logprobs": Refused("logprobs are not supported on /v1/responses; use /v1/chat/completions", example=2),
+    "max_tool_calls": Refused("max_tool_calls is not supported; use parallel_tool_calls: false for one call",
+                              example=2),
+    "truncation": Refused("the input is never truncated", _eq("disabled"), "auto"),
+    "context_management": Refused("context management (compaction) is not supported", example=[{"type": "x"}]),
+    "image": Refused("image generation is not supported", example={"size": "1024x1024"}),
+    "access_programs": Refused("OpenAI access programs are not supported here", example={"a": 1}),
+}
+
+TABLES = {"/v1/completions": COMPLETIONS, "/v1/chat/completions": CHAT, "/v1/responses": RESPONSES}
 
 
 def _sent(body: Any) -> dict[str, Any]:
@@ -139,7 +164,8 @@ def check(body: Any, route: str) -> None:
         elif isinstance(rule, Refused) and not rule.neutral(_plain(value)):
             raise InvalidRequest(f"{name} is not supported: {rule.why}", param=name, code="unsupported_field")
     if ignored:
-        log.info("%s: ignoring fields with no effect on the output: %s", route, ignored)
+        log.info("%s: ignoring fields with no effect on the output: %s", route,
+                 "; ".join(f"{n} ({IGNORED_WHY.get(n, 'no effect')})" for n in ignored))
     if unknown:
         log.info("%s: ignoring unknown fields %s", route, unknown)
 

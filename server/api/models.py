@@ -1,4 +1,5 @@
-"""What a client asks about models without generating: /v1/models, /v1/models/{id}, /tokenize, /detokenize.
+"""What a client asks about models without generating: /v1/models, /v1/models/{id}, and vLLM's
+/tokenize, /detokenize and /tokenizer_info.
 
 Owns: the model entries (the base, then each adapter and blend, with `max_model_len` as vLLM's
 carry), and vLLM's tokenizer routes with vLLM's request and response shapes. A `model` names the
@@ -79,6 +80,12 @@ async def tokenize(body: TokenizeRequest, state: AppState = Depends(require_infe
         ids = tok.apply_chat_template(message_dicts(body.messages), add_generation_prompt=body.add_generation_prompt)
     strs = [tok.decode([t], skip_special_tokens=False) for t in ids] if body.return_token_strs else None
     return {"count": len(ids), "max_model_len": state.engine.context_length, "tokens": ids, "token_strs": strs}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(state: AppState = Depends(require_inference)):
+    """vLLM's: the special tokens and limits (lm-evaluation-harness' remote tokenizer reads it)."""
+    return {**state.engine.tokenizer.special_tokens(), "model_max_length": state.engine.context_length}
 
 
 @router.post("/detokenize")

@@ -95,7 +95,7 @@ def _stream(state: AppState, plan: Plan, chunks: Callable, model: str, include_u
     return EventSourceResponse(events(), ping=15)
 
 
-async def _run(request: Request, state: AppState, body, planner: Callable, chunks: Callable, route: str,
+async def run_request(request: Request, state: AppState, body, planner: Callable, chunks: Callable, route: str,
                forced: Structured | None = None):
     """The shared flow of both routes; returns the stream response or the accumulated choices.
     `forced`: the constraint a forced tool call puts on the reply."""
@@ -140,7 +140,7 @@ async def _run(request: Request, state: AppState, body, planner: Callable, chunk
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: AppState = Depends(require_inference)):
     fields.check(body, "/v1/completions")
-    plan, result = await _run(request, state, body, plan_completion, completion_chunks, "/v1/completions")
+    plan, result = await run_request(request, state, body, plan_completion, completion_chunks, "/v1/completions")
     if not isinstance(result, list):
         return result if result is not None else JSONResponse({}, status_code=499)
     choices = [completion_choice(plan, i, a.text, a.finish_reason, a.logprobs, a.prompt_logprobs,
@@ -154,7 +154,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            state: AppState = Depends(require_inference)):
     fields.check(body, "/v1/chat/completions")
     tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, state.config.model.tool_parser)
-    plan, result = await _run(request, state, body, functools.partial(plan_chat, tools=tools), chat_chunks,
+    plan, result = await run_request(request, state, body, functools.partial(plan_chat, tools=tools), chat_chunks,
                               "/v1/chat/completions", tools.structured() if tools is not None else None)
     if not isinstance(result, list):
         return result if result is not None else JSONResponse({}, status_code=499)

@@ -73,6 +73,7 @@ class SamplingFields(_Wire):
     min_p: Float = Field(0.0, ge=0.0, le=1.0)
     prompt_logprobs: int | None = Field(None, ge=0)   # vLLM's: each prompt token's logprob and top k
     stop_token_ids: list[int] | None = Field(None, max_length=64)
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None, max_length=64)
     # OpenAI's: token id (as a string key) -> a bias added to its logit
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = Field(
         None, max_length=1024)

@@ -47,6 +47,10 @@ class ByteTokenizer:
             text += f"<{m['role']}>{answers}{m.get('content') or ''}{calls}\n"
         return self.encode(text + ("<assistant>" if add_generation_prompt else ""))
 
+    def special_tokens(self) -> dict[str, Any]:
+        return {"tokenizer_class": "ByteTokenizer", "eos_token": None, "bos_token": None, "pad_token": None,
+                "unk_token": None}
+
     def decode(self, ids: Seq[int], skip_special_tokens: bool = True) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 

@@ -5,13 +5,16 @@ Owns: `Pending` (a submitted request and its sink, until the engine thread takes
 its sampler, whose output ids are the engine thread's own copy; its KV sequence; its LoRA slot or
 mix), and `admit`, which turns one into the other against the adapters in the LoRA slots.
 
-It knows the slots' names and identities, nothing of steps, tensors or threads.
+It also turns a step's logits rows back into each sequence's share (`split_step`: prompt
+logprobs recorded, the rows to sample). It knows the slots' names and identities and the step's
+items, nothing of the model or of threads.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +27,9 @@ from .output import Sink
 from .sampling import RowState, make_generator, prompt_logprobs
 from .sequence import Sequence
 from .types import GenerationRequest, TokenLogprob
+
+if TYPE_CHECKING:
+    from .runner import StepItem
 
 
 @dataclass
@@ -89,3 +95,23 @@ def admit(p: Pending, slots: AdapterSlots, decoder: Decoder, eos: list[int], dev
     slot = slots.slot_of[req.adapter] if req.adapter is not None else -1
     return Live(p, seq, sampler, kv, slot, slots.mix_slots(req.mix) if req.mix else (),
                 prompt_lps=[None] * (len(req.prompt_ids) - 1) if wants else None)
+
+
+def split_step(lives: list[Live], items: list["StepItem"], logits: torch.Tensor
+               ) -> tuple[list[Live], torch.Tensor, list[Live]]:
+    """After a step's forward: record prompt logprobs from their chunks' rows, and return
+    (sequences to sample, their logits rows, sequences whose prompt was scored and that generate
+    nothing: max_tokens 0). logits: (sum of item.rows, V), as `ModelRunner.run` returns them."""
+    if not any(it.all_logits for it in items) and all(lv.sampler.params.max_tokens for lv in lives):
+        return [lv for lv, it in zip(lives, items) if it.sample], logits, []
+    rows, sampling, scored, off = [], [], [], 0
+    for lv, it in zip(lives, items):
+        if it.all_logits:
+            lv.record_prompt_logprobs(it.pos, logits[off:off + it.rows])
+        if it.sample and lv.sampler.params.max_tokens == 0:
+            scored.append(lv)
+        elif it.sample:
+            sampling.append(lv)
+            rows.append(off + it.rows - 1)
+        off += it.rows
+    return sampling, logits[rows], scored

@@ -36,9 +36,9 @@ from ..lora.weights import AdapterInfo, read_adapter
 from ..model import LoadedModel, load_model
 from .blocks import BlockManager
 from .grammar import Grammars, LazyGrammars, Structured
-from .live import Live, Pending, admit
+from .live import Live, Pending, admit, split_step
 from .loading import file_key, pool_blocks, prepare_blend
-from .output import ErrorOut, OutputProcessor, Sink, TokenOut
+from .output import ErrorOut, OutputProcessor, Sink, TokenOut, events
 from .runner import ModelRunner, StepItem
 from .sampling import sample
 from .scheduler import Budget, Scheduler
@@ -159,23 +159,7 @@ class TorchEngine:
             self._waiting.append(pending)
             self._active.add(request.request_id)
         self._wakeup.set()
-        return self._events(request.request_id, pending.sink.queue)
-
-    async def _events(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[GenerationEvent]:
-        done = False
-        try:
-            while True:
-                ev: GenerationEvent = await queue.get()
-                if ev.error is not None:
-                    done = True
-                    raise ev.error
-                yield ev
-                if ev.finish_reason is not None:
-                    done = True
-                    return
-        finally:
-            if not done:  # the consumer left early: the client is gone
-                self.abort(request_id)
+        return events(request.request_id, pending.sink.queue, self.abort)
 
     def stats(self) -> EngineStats:
         st = self._stats
@@ -387,29 +371,12 @@ class TorchEngine:
         try:
             logits = self._runner.run(items)
             sched.done(step)
-            self._sample_and_emit(*self._split(lives, items, logits), now)
+            self._sample_and_emit(*split_step(lives, items, logits), now)
         except Exception as e:
             log.exception("engine step failed; failing its %d requests", len(lives))
             self._fail(lives, LoraplexError(f"engine error: {type(e).__name__}: {e}", code="engine_error"))
         self._report(step.num_tokens, t0)
         return True
-
-    def _split(self, lives: list[Live], items: list[StepItem], logits: torch.Tensor):
-        """Record prompt logprobs from their chunks' rows; (sequences to sample, their logits rows,
-        sequences whose prompt is scored and that generate nothing: max_tokens 0)."""
-        if not any(it.all_logits for it in items) and all(lv.sampler.params.max_tokens for lv in lives):
-            return [lv for lv, it in zip(lives, items) if it.sample], logits, []
-        rows, sampling, scored, off = [], [], [], 0
-        for lv, it in zip(lives, items):
-            if it.all_logits:
-                lv.record_prompt_logprobs(it.pos, logits[off:off + it.rows])
-            if it.sample and lv.sampler.params.max_tokens == 0:
-                scored.append(lv)
-            elif it.sample:
-                sampling.append(lv)
-                rows.append(off + it.rows - 1)
-            off += it.rows
-        return sampling, logits[rows], scored
 
     def _sample_and_emit(self, lives: list[Live], logits, scored: list[Live], now: float) -> None:
         """One token per sequence that reached its last token; hand the step's tokens to the

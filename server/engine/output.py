@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 from .sequence import Sequence
 from .types import GenerationEvent, TokenLogprob
@@ -128,3 +128,22 @@ class OutputProcessor:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the event loop is closed: nobody is listening
                 pass
+
+
+async def events(request_id: str, queue: asyncio.Queue, abort: Callable[[str], None]) -> AsyncIterator[GenerationEvent]:
+    """One request's events from its queue, to its last; an error event is raised. A consumer that
+    leaves early (the client is gone) aborts the request."""
+    done = False
+    try:
+        while True:
+            ev: GenerationEvent = await queue.get()
+            if ev.error is not None:
+                done = True
+                raise ev.error
+            yield ev
+            if ev.finish_reason is not None:
+                done = True
+                return
+    finally:
+        if not done:
+            abort(request_id)

@@ -33,6 +33,10 @@ class PromptTokenizer(Protocol):
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
+    def special_tokens(self) -> dict[str, Any]:
+        """tokenizer_class and the eos / bos / pad / unk token texts (None where there is none)."""
+        ...
+
 
 class Engine(Protocol):
     model_id: str

@@ -5,7 +5,7 @@ logprobs, applied per row to a (batch, vocab) logits tensor. transformers'
 logits processors take one setting for the whole batch, and a batch here mixes
 requests with different settings, so this module does it with per-row tensors.
 
-Order (as in vLLM and transformers): penalties → logit_bias → min_tokens mask →
+Order (as in vLLM and transformers): penalties → logit_bias → bad words → min_tokens mask →
 grammar mask (structured outputs, `grammar.py`; last, so no bias can reach a token
 the grammar forbids) → greedy argmax, or temperature → min-p → top-k → top-p → sample. Reported logprobs are those
 of the model's raw distribution (log_softmax of the logits), as OpenAI and
@@ -70,6 +70,15 @@ def _apply_logit_bias(logits: torch.Tensor, rows: list[RowState]) -> None:
             logits[i, ids] += bias
 
 
+def _ban_bad_words(logits: torch.Tensor, rows: list[RowState]) -> None:
+    for i, r in enumerate(rows):
+        out = r.output_ids
+        banned = [seq[-1] for seq in r.params.bad_words
+                  if len(seq) == 1 or (len(out) >= len(seq) - 1 and list(seq[:-1]) == out[len(out) - len(seq) + 1:])]
+        if banned:
+            logits[i, torch.tensor(banned, dtype=torch.long, device=logits.device)] = float("-inf")
+
+
 def _apply_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Drop tokens whose probability is below min_p times the likeliest one's. scaled: (S, V); min_p: (S,)."""
     probs = scaled.softmax(dim=-1)
@@ -115,6 +124,9 @@ def sample(
     if any(r.params.logit_bias for r in rows):
         logits = logits.clone()
         _apply_logit_bias(logits, rows)
+    if any(r.params.bad_words for r in rows):
+        logits = logits.clone()
+        _ban_bad_words(logits, rows)
     if any(len(r.output_ids) < r.params.min_tokens for r in rows):
         logits = logits.clone()
         _mask_stops_before_min_tokens(logits, rows)

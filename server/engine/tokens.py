@@ -45,6 +45,11 @@ class HFPromptTokenizer:
             raise InvalidRequest(f"the chat template refused these messages: {e}", param="messages") from None
         return list(self.tok.encode(text, add_special_tokens=False))
 
+    def special_tokens(self) -> dict[str, Any]:
+        t = self.tok
+        return {"tokenizer_class": type(t).__name__, "eos_token": t.eos_token, "bos_token": t.bos_token,
+                "pad_token": t.pad_token, "unk_token": t.unk_token}
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

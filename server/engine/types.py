@@ -29,6 +29,9 @@ class SamplingParams:
     logprobs: int | None = None     # None = off; k = the chosen token plus the top k
     min_p: float = 0.0              # 0 = off; drop tokens below min_p times the likeliest one's probability
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    # vLLM's bad_words as token sequences: a sequence's last token is banned wherever the output
+    # ends with the tokens before it (a one-token sequence is banned everywhere).
+    bad_words: tuple[tuple[int, ...], ...] = ()
     # None = off; k = each prompt token's logprob (from the prefill's own forward) plus the top k.
     # max_tokens may be 0 then: the prompt is scored and nothing is generated.
     prompt_logprobs: int | None = None

@@ -92,3 +92,25 @@ def test_sampling_fields_reach_the_engine(client):
     assert r.status_code == 200, r.text
     p = client.engine.submitted[-1].params
     assert (p.min_p, p.logit_bias, p.stop_token_ids) == (0.1, ((5, 2.5), (7, -100.0)), (9,))
+
+
+def test_every_ignored_field_says_why_and_the_readme_lists_every_field():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index("<!-- fields table -->"):readme.index("<!-- end fields table -->")]
+    for route, t in fields.TABLES.items():
+        for name, rule in t.items():
+            if rule == "ignored":
+                assert name in fields.IGNORED_WHY, name
+            row = next(line for line in table.splitlines() if line.startswith(f"| `{route}`"))
+            kind = "honoured" if rule == fields.HONOURED else "ignored" if rule == "ignored" else "refused"
+            cells = dict(zip(["route", "honoured", "refused", "ignored"], [c.strip() for c in row.strip("|").split("|")]))
+            assert f"`{name}`" in cells[kind], (route, name, kind)
+
+
+def test_bad_words_reach_the_engine_as_token_sequences(client):
+    r = client.post("/v1/completions", json={"model": "fake-model", "prompt": "hi", "max_tokens": 4,
+                                             "bad_words": ["ab"]})
+    assert r.status_code == 200, r.text
+    assert client.engine.submitted[-1].params.bad_words == ((32, 97, 98), (97, 98))  # " ab" and "ab" in bytes

@@ -102,3 +102,8 @@ def test_tokenize_refusals(client, path, body, status, param):
     r = client.post(path, json=body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_tokenizer_info_for_remote_tokenizers(client):
+    info = client.get("/tokenizer_info").json()
+    assert info["tokenizer_class"] == "ByteTokenizer" and info["model_max_length"] == 512 and "eos_token" in info

@@ -115,3 +115,13 @@ def test_min_p_matches_transformers_min_p_warper():
             seen[i].add(tok)
     assert seen[0] <= allowed[0] and seen[1] <= allowed[1]
     assert len(seen[0]) > 1  # it still samples among the kept tokens
+
+
+def test_bad_words_ban_the_last_token_after_the_rest():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 3.0]])
+    r = row(temperature=0.0, bad_words=((1,), (3, 2)))
+    assert sample(logits, [r])[0][0] == 2           # token 1 banned everywhere
+    r.output_ids = [3]
+    assert sample(logits, [r])[0][0] == 3           # after 3, token 2 is banned too
+    r.output_ids = [3, 0]
+    assert sample(logits, [r])[0][0] == 2
