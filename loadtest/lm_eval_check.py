@@ -3,7 +3,7 @@
     python -m loadtest.lm_eval_check --lm-eval .lmeval/bin/lm_eval [--model pirate] [--port 8731]
 
 lm-eval lives in its own venv (it pins its own datasets and friends):
-    python3 -m venv .lmeval && .lmeval/bin/pip install lm_eval==0.4.13
+    python3 -m venv .lmeval && .lmeval/bin/pip install "lm_eval[api]==0.4.13"
 
 It writes a small multiple-choice task (a JSON-lines file and a task YAML in a temporary folder:
 no dataset hub is reachable here), starts `loraplex serve` on the default model with the shipped
@@ -49,6 +49,7 @@ TEMPLATE = "Question: {{question}}\nAnswer:"
 
 
 def write_task(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     data = folder / "mc.jsonl"
     data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
     (folder / "loraplex_mc.yaml").write_text(
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if not Path(args.lm_eval).exists():
         raise SystemExit(f"{args.lm_eval} not found: python3 -m venv .lmeval && .lmeval/bin/pip install "
-                         "lm_eval==0.4.13")
+                         "'lm_eval[api]==0.4.13'")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         tasks = write_task(tmp_path / "tasks")
