@@ -74,6 +74,9 @@ class ModelConfig:
     context_length: int = 0         # 0 = the model's max_position_embeddings
     chat_template: str = ""         # a Jinja chat template file to use instead of the model's own
     tool_parser: str = ""           # "" (none: tool_choice "auto" is a 400) | hermes | llama3_json
+    # Special-token strings inside chat message content: "text" (plain characters: nobody can
+    # forge a turn) or "control" (the raw behaviour, for trusted deployments only).
+    special_tokens_in_content: str = "text"
 
 
 @dataclass
@@ -177,6 +180,7 @@ _CHOICES = {
     ("model", "quantization"): {"none", "nf4", "fp4", "int8"},
     ("model", "attn_implementation"): {"sdpa", "eager", "flash_attention_2"},
     ("model", "tool_parser"): {"", "hermes", "llama3_json"},
+    ("model", "special_tokens_in_content"): {"text", "control"},
     ("server", "log_level"): {"debug", "info", "warning", "error"},
     ("server", "log_format"): {"text", "json"},
     ("server", "metrics_access"): {"public", "inference", "admin"},

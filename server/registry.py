@@ -61,9 +61,13 @@ class Entry:
     created: int = field(default_factory=lambda: int(time.time()))  # registration time, kept across restarts
     use_seq: int = 0                # LRU order: a counter, not a clock, so that ties cannot happen
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # The name the engine knows it by: the name itself, or "name~N" for the N-th replacement,
+    # so the new version is loaded beside the old and the two never share a slot name.
+    engine_key: str = ""
 
     def __post_init__(self):
         self.idle.set()
+        self.engine_key = self.engine_key or self.name
 
 
 @dataclass
@@ -75,7 +79,8 @@ class Lease:
     adapter: str | None
     entries: list[Entry] = field(default_factory=list)
     released: bool = False
-    mix: tuple[tuple[str, float], ...] = ()
+    mix: tuple[tuple[str, float], ...] = ()   # (engine name, weight) per source
+    name: str | None = None                    # the adapter's public name (metrics, logs)
 
 
 class Observer:
@@ -109,6 +114,11 @@ class Registry:
         self.state = StateFile(self.store)
         self._entries: dict[str, Entry] = {}
         self._removed: set[str] = set()
+        # Folders found at start-up that could not be served: name -> (folder, reason), for the
+        # admin API. One bad folder is reported, never fatal.
+        self.failed: dict[str, tuple[str, str]] = {}
+        self._retiring: set[Entry] = set()   # replaced versions, unloaded once their requests finish
+        self._versions = 0                   # replacements made: the N of "name~N"
         self._lock = asyncio.Lock()
         self._seq = 0
         self.slot_wait_s = slot_wait_s
@@ -132,6 +142,15 @@ class Registry:
             raise InvalidRequest(f"adapter path {str(path)!r} resolves outside the adapter roots "
                                  f"({', '.join(map(str, self.roots))})", param="path", code="path_outside_roots")
         return full
+
+    def resolve_folder(self, path: str | Path) -> Path:
+        """`resolve_path`, and every file in the folder too: a weights file that is a symlink
+        out of the roots is refused like a folder that is."""
+        folder = self.resolve_path(path)
+        if folder.is_dir():
+            for f in folder.iterdir():
+                self.resolve_path(f)
+        return folder
 
     def _visible(self, name: str) -> Entry | None:
         e = self._entries.get(name)
@@ -175,9 +194,10 @@ class Registry:
             return await self._acquire_mix(mix)
         if name is None:
             return Lease(None)
-        lease = Lease(name)
+        e = self._entries[name]
+        lease = Lease(e.engine_key, name=name)
         try:
-            await self._take(self._entries[name], lease)
+            await self._take(e, lease)
         except BaseException:
             self.release(lease)
             raise
@@ -212,7 +232,8 @@ class Registry:
             check_spec(spec, {e.name: e.info.rank for e in self.entries()})
         except InvalidAdapter as e:
             raise InvalidRequest(e.message, param="adapters", code=e.code) from None
-        lease = Lease(None, mix=spec.adapters)
+        # The engine names each source by its current version: a source replaced later is not mixed.
+        lease = Lease(None, mix=tuple((self._entries[src].engine_key, w) for src, w in spec.adapters))
         try:
             for src, _ in spec.adapters:  # sources stay in memory while the request runs
                 await self._take(self._entries[src], lease)
@@ -223,7 +244,8 @@ class Registry:
 
     # -- memory ------------------------------------------------------------------------
     def _loaded_count(self) -> int:
-        return sum(1 for e in self._entries.values() if e.loaded)
+        """Engine slots in use: loaded entries, and replaced versions still finishing requests."""
+        return sum(1 for e in self._entries.values() if e.loaded) + len(self._retiring)
 
     async def _make_room(self, wait: float = 0.0) -> None:
         """Evict LRU idle unpinned entries until one more fits. Call with _lock held.
@@ -249,7 +271,7 @@ class Registry:
             # Mark it gone before awaiting the engine: a request that arrives meanwhile must
             # see it unloaded and queue for a reload, not be routed to weights being freed.
             victim.loaded = False
-            await self.engine.unload_adapter(victim.name)
+            await self.engine.unload_adapter(victim.engine_key)
             self.observer.adapter_evicted()
             log.info("evicted %s (least recently used)", victim.name)
 
@@ -258,7 +280,7 @@ class Registry:
         await self._make_room(wait)
         t0 = time.perf_counter()
         try:
-            e.info = await self.engine.load_adapter(e.name, e.path, check_rank=e.kind == "adapter")
+            e.info = await self.engine.load_adapter(e.engine_key, e.path, check_rank=e.kind == "adapter")
         except InvalidAdapter:
             self.observer.adapter_loaded("invalid")
             raise
@@ -273,7 +295,7 @@ class Registry:
                        replace: bool = False) -> tuple[Entry, bool]:
         """Register and load an adapter folder. Returns (entry, created)."""
         check_name(name)
-        folder = self.resolve_path(path)
+        folder = self.resolve_folder(path)
         existing = self._entries.get(name)
         # Only a name already taken needs the hash now (is it the same content?); a new one gets
         # its sha256 from the load, which hashes the bytes it reads: one pass over the files.
@@ -288,7 +310,7 @@ class Registry:
             if not replace:
                 raise Conflict(f"adapter {name!r} is already registered with other content "
                                "(pass \"replace\": true to swap it)", param="name", code="adapter_exists")
-            await self.unregister(name)
+            return await self._replace(existing, folder, pinned), True
         async with self._lock:
             if name in self._entries:  # a racing call registered it while we waited
                 raise Conflict(f"adapter {name!r} was registered concurrently", param="name", code="adapter_exists")
@@ -302,9 +324,44 @@ class Registry:
                 del self._entries[name]  # a failed load leaves no trace
                 raise
             self._removed.discard(name)
+            self.failed.pop(name, None)
             self._save()
         log.info("registered %s from %s (rank %d, %s)", name, folder, entry.info.rank, ",".join(entry.info.target_modules))
         return entry, True
+
+    async def _replace(self, old: Entry, folder: Path, pinned: bool) -> Entry:
+        """Load the new version beside the old, then swap: new requests get the new one at once,
+        running ones finish on the old, which is unloaded after them. A failure anywhere before the
+        swap leaves the old version serving, untouched."""
+        async with self._lock:
+            if self._entries.get(old.name) is not old or old.draining:
+                raise Conflict(f"adapter {old.name!r} changed while it was being replaced; retry",
+                               param="name", code="adapter_exists")
+            self._versions += 1
+            new = Entry(old.name, "adapter", folder, AdapterInfo(folder, 0, 0.0, (), "", 0),
+                        pinned=pinned or old.pinned, created=old.created, engine_key=f"{old.name}~{self._versions}")
+            await self._load_into_memory(new)  # raises: nothing changed
+            self._entries[old.name] = new      # one assignment: the swap
+            if old.loaded:
+                self._retiring.add(old)
+            try:
+                self._save()
+            except BaseException:
+                self._entries[old.name] = old  # roll back the swap
+                self._retiring.discard(old)
+                await self.engine.unload_adapter(new.engine_key)
+                raise
+        asyncio.get_running_loop().create_task(self._retire(old))
+        log.info("replaced %s with %s (the old version finishes its %d requests)", old.name, folder, old.inflight)
+        return new
+
+    async def _retire(self, old: Entry) -> None:
+        await old.idle.wait()
+        async with self._lock:
+            if old in self._retiring:
+                self._retiring.discard(old)
+                old.loaded = False
+                await self.engine.unload_adapter(old.engine_key)
 
     async def unregister(self, name: str) -> Entry:
         e = self.get(name)
@@ -313,7 +370,7 @@ class Registry:
         await e.idle.wait()  # leases out finish normally
         async with self._lock:
             if e.loaded:
-                await self.engine.unload_adapter(name)
+                await self.engine.unload_adapter(e.engine_key)
                 e.loaded = False
             self._entries.pop(name, None)
             if e.path is not None and e.kind == "adapter" and self._in_store(e.path):
@@ -370,7 +427,10 @@ class Registry:
                 await self._make_room()
                 staging = self.state.staging(name)
                 try:
-                    info = await self.engine.create_blend(name, spec, staging)
+                    # The engine knows each source by its current version's name.
+                    engine_spec = dataclasses.replace(spec, adapters=tuple(
+                        (self._entries[src].engine_key, w) for src, w in spec.adapters))
+                    info = await self.engine.create_blend(name, engine_spec, staging)
                     try:
                         target.parent.mkdir(parents=True, exist_ok=True)
                         staging.rename(target)  # the folder appears whole or not at all
@@ -416,9 +476,11 @@ class Registry:
         for r in records:
             folder = self.state.abs(r.path)
             try:
-                info = describe_adapter(folder)
-            except InvalidAdapter as e:
+                inside = self.resolve_folder(folder)  # a folder or a file leading outside the roots: refused
+                info = describe_adapter(inside)
+            except (InvalidAdapter, InvalidRequest) as e:
                 log.warning("skipping %s: %s", r.name, e.message)
+                self.failed[r.name] = (str(folder), e.message)
                 continue
             self._entries[r.name] = Entry(r.name, r.kind, folder.resolve(), info, pinned=r.pinned,
                                           recipe=BlendSpec.from_recipe(r.recipe) if r.recipe else None,
@@ -434,6 +496,7 @@ class Registry:
                     loaded.append(e.name)
                 except InvalidAdapter as err:
                     log.warning("skipping adapter %s: %s", e.name, err.message)
+                    self.failed[e.name] = (str(e.path), err.message)
                     del self._entries[e.name]
         self._save()
         return loaded

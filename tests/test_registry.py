@@ -79,7 +79,47 @@ def test_idempotent_conflict_and_replace(store):
         assert e.value.code == "adapter_exists"
         new, created3 = await reg.register("alpha", "beta", replace=True)
         assert created3 and new.info.rank == 2 and new.info.sha256 != first.info.sha256
-        assert eng.loads == ["alpha", "alpha"]
+        assert eng.loads == ["alpha", "alpha~1"]  # the new version loaded beside the old
+        await asyncio.sleep(0)                    # the old version had no requests: it retires at once
+        assert set(eng.adapters) == {"alpha~1"}
+    run(main())
+
+
+def test_issue15_finding4_a_failed_replace_leaves_the_old_version_serving(store, tmp_path):
+    reg, eng = make(store)
+    broken = store / "broken"
+    shutil.copytree(store / "beta", broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"truncated")
+
+    async def main():
+        first, _ = await reg.register("alpha", "alpha")
+        with pytest.raises(InvalidAdapter):
+            await reg.register("alpha", "broken", replace=True)
+        lease = await reg.acquire("alpha")         # still served, the same version
+        assert lease.adapter == "alpha" and reg.get("alpha") is first
+        reg.release(lease)
+        saved = json.loads((store / ".loraplex" / "state.json").read_text())
+        assert "alpha" not in saved.get("removed", []) and "alpha" in [r["name"] for r in saved["adapters"]]
+        assert set(eng.adapters) == {"alpha"}
+    run(main())
+
+
+def test_issue15_finding7_a_replace_never_makes_the_name_a_404_and_running_requests_finish_on_the_old(store):
+    reg, eng = make(store)
+
+    async def main():
+        await reg.register("alpha", "alpha")
+        running = await reg.acquire("alpha")        # a long request on the old version
+        t0 = asyncio.get_running_loop().time()
+        await reg.register("alpha", "beta", replace=True)
+        assert asyncio.get_running_loop().time() - t0 < 1.0  # the admin call does not wait for it
+        fresh = await reg.acquire("alpha")          # new requests: the new version, at once
+        assert fresh.adapter == "alpha~1" and running.adapter == "alpha"
+        assert {"alpha", "alpha~1"} <= set(eng.adapters)  # both in memory while the old one finishes
+        reg.release(running)
+        await asyncio.sleep(0.01)
+        assert "alpha" not in eng.adapters and "alpha~1" in eng.adapters
+        reg.release(fresh)
     run(main())
 
 
@@ -357,4 +397,53 @@ def test_a_request_waits_for_a_busy_slot_to_go_idle(store):
         with pytest.raises(Overloaded):                   # and past the wait, 429 as before
             await reg.acquire("beta")
         reg.release(held)
+    run(main())
+
+
+def test_issue15_finding11_bad_store_folders_are_listed_as_failed_and_start_up_goes_on(store, tmp_path):
+    for name, text in (("listy", "[]"), ("huge-r", '{"r": 1e400}'), ("deep", "[" * 100000 + "]" * 100000),
+                       ("pissa", None)):
+        shutil.copytree(store / "alpha", store / name)
+        cfg = store / name / "adapter_config.json"
+        cfg.write_text(text if text is not None else
+                       json.dumps({**json.loads(cfg.read_text()), "init_lora_weights": "pissa"}))
+    reg, _ = make(store)
+    run(reg.start())
+    names = {e.name for e in reg.entries()}
+    assert {"alpha", "beta", "gamma", "delta"} <= names and not names & {"listy", "huge-r", "deep", "pissa"}
+    assert set(reg.failed) == {"listy", "huge-r", "deep", "pissa"}
+    assert "init_lora_weights" in reg.failed["pissa"][1]
+
+
+def test_issue15_finding10_files_and_folders_that_lead_outside_the_roots_are_refused(store, tmp_path):
+    outside = tmp_path / "outside"
+    shutil.copytree(store / "alpha", outside)
+    # A folder in the store whose weights file is a symlink to a file outside the roots.
+    (store / "sneaky").mkdir()
+    shutil.copy(store / "alpha" / "adapter_config.json", store / "sneaky")
+    os.symlink(outside / "adapter_model.safetensors", store / "sneaky" / "adapter_model.safetensors")
+    # A store folder that is a symlink to outside.
+    os.symlink(outside, store / "linked")
+    reg, _ = make(store)
+    run(reg.start())
+    assert {"sneaky", "linked"} <= set(reg.failed) and not {"sneaky", "linked"} & {e.name for e in reg.entries()}
+    with pytest.raises(InvalidRequest) as e:
+        run(reg.register("sneaky2", "sneaky"))
+    assert e.value.code == "path_outside_roots"
+    saved = json.loads((store / ".loraplex" / "state.json").read_text())
+    assert saved["adapters"] and all("outside" not in json.dumps(r) for r in saved["adapters"])
+
+
+def test_issue15_finding9_a_mix_after_a_replace_uses_the_new_version(store):
+    reg, _ = make(store)
+
+    async def main():
+        await reg.register("alpha", "alpha")
+        await reg.register("gamma", "gamma")
+        before = await reg.acquire("base-x", [("alpha", 0.5), ("gamma", 0.5)])
+        reg.release(before)
+        await reg.register("alpha", "delta", replace=True)
+        after = await reg.acquire("base-x", [("alpha", 0.5), ("gamma", 0.5)])
+        assert before.mix == (("alpha", 0.5), ("gamma", 0.5)) and after.mix == (("alpha~1", 0.5), ("gamma", 0.5))
+        reg.release(after)
     run(main())

@@ -73,7 +73,8 @@ def _answer(entry: Entry, created: bool) -> JSONResponse:
 
 @router.get("/admin/adapters")
 async def list_adapters(state: AppState = Depends(require_admin)):
-    return {"object": "list", "data": [entry_json(e) for e in state.registry.entries()]}
+    failed = [{"name": n, "path": p, "reason": why} for n, (p, why) in sorted(state.registry.failed.items())]
+    return {"object": "list", "data": [entry_json(e) for e in state.registry.entries()], "failed": failed}
 
 
 @router.get("/admin/adapters/{name}")

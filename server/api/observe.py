@@ -23,7 +23,7 @@ log = logging.getLogger("loraplex.request")
 def adapter_label(lease: Lease, base_id: str) -> str:
     if lease.mix:
         return MIX_LABEL
-    return base_id if lease.adapter is None else lease.adapter
+    return base_id if lease.adapter is None else (lease.name or lease.adapter)
 
 
 class RequestRecord:

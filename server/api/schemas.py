@@ -9,15 +9,40 @@ table of honoured, refused and ignored fields, can judge each by name. Caps that
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Float = Annotated[float, Field(allow_inf_nan=False)]
 
 
+def _has_lone_surrogate(value: Any) -> bool:
+    """JSON may spell a lone UTF-16 surrogate ("\\ud800"); no tokenizer can encode it."""
+    if isinstance(value, str):
+        if value.isascii():
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _no_lone_surrogates(self):
+        # Nested wire models check their own fields; this walks this model's plain values.
+        values = [v for v in self.__dict__.values() if not isinstance(v, BaseModel)]
+        if _has_lone_surrogate(values) or _has_lone_surrogate(self.model_extra or {}):
+            raise ValueError("text holds a lone UTF-16 surrogate, which is not a character")
+        return self
 
 
 class StreamOptions(_Wire):

@@ -259,7 +259,8 @@ class TorchEngine:
             log.info("packed-forward self-check passed (max logit difference %.2g)", self._runner.self_check())
             self._blocks = BlockManager(blocks, self.cfg.block_size, prefix_caching=self.cfg.prefix_caching)
             self._sched = Scheduler(self._blocks, self._budget)
-            self._prompt_tok = HFPromptTokenizer(loaded.tokenizer)
+            self._prompt_tok = HFPromptTokenizer(loaded.tokenizer,
+                                                 content_as_text=self.model_cfg.special_tokens_in_content == "text")
             self._decoder = self._prompt_tok.clone()
             self._out = OutputProcessor(self._decoder.token_text, self.abort)
             self._out.start()

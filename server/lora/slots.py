@@ -3,7 +3,7 @@
 Owns: turning a validated PEFT folder (`weights.read_adapter`) into per-layer slot weights
 (A (r, in), scale * B^T (r, out), with PEFT's own scaling: lora_alpha / r, / sqrt(r) with rsLoRA,
 rank_pattern and alpha_pattern per module), refusing what the slot path does not compute exactly
-(a 422 naming the feature), name -> slot and identity, a host tier of recently evicted adapters
+(a 422 naming the feature; the config itself is allow-listed before, by config_check.py), name -> slot and identity, a host tier of recently evicted adapters
 (their prepared tensors kept in RAM, so a reload skips the disk), and blends: PEFT's
 `add_weighted_adapter` run on a workbench, a throw-away module tree whose leaves are the base
 model's own linear layers, so that the serving model's tree is never touched.
@@ -34,20 +34,6 @@ from .pool import LoraPool
 
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
-# Config fields that change what PEFT computes and that the slot path does not compute: refused.
-_REFUSED = {
-    "use_dora": "DoRA (use_dora)",
-    "lora_bias": "a LoRA bias (lora_bias)",
-    "modules_to_save": "modules_to_save (fully trained copies of base modules)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
-    "target_parameters": "LoRA on parameters (target_parameters)",
-    "layer_replication": "layer_replication",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    "use_qalora": "QALoRA (use_qalora)",
-    "megatron_config": "Megatron parallel layers (megatron_config)",
-}
-
-
 @dataclass
 class Prepared:
     """An adapter ready to copy into a slot: layer path -> (A (r, in), scale * B^T (r, out))."""
@@ -56,26 +42,12 @@ class Prepared:
     files: Any                      # the AdapterFiles (config + tensors) it came from, for blends
 
 
-def _refuse(name: str, what: str) -> InvalidAdapter:
-    return InvalidAdapter(f"adapter {name!r} uses {what}, which loraplex does not serve exactly; refused",
-                          code="unsupported_adapter")
-
-
-def check_config(name: str, config: Any) -> None:
-    for field_name, what in _REFUSED.items():
-        if getattr(config, field_name, None):
-            raise _refuse(name, what)
-    if getattr(config, "bias", "none") != "none":
-        raise _refuse(name, f"bias={config.bias!r} (trained base biases)")
-
-
 def prepare(name: str, files: Any, pool: LoraPool, model_modules: set[str]) -> Prepared:
     """Map an adapter's tensors onto the pool's layers, with PEFT's per-module scaling."""
     from peft.tuners.tuners_utils import check_target_module_exists
     from peft.utils.other import get_pattern_key
 
-    config = files.config
-    check_config(name, config)
+    config = files.config  # allow-listed by weights.read_adapter (config_check.py)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in files.tensors.items():
         m = _KEY.match(key)
@@ -117,7 +89,13 @@ def prepare(name: str, files: Any, pool: LoraPool, model_modules: set[str]) -> P
                     f"(in {layer.fin}, out {layer.fout}, rank {r}); the adapter was made for another base model",
                     code="wrong_base")
         scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        weights[path] = (a.float().contiguous(), (b.float() * scale).T.contiguous())
+        wa, wb = a.float().contiguous(), (b.float() * scale).T.contiguous()
+        # Finite in the dtype they are served in: float64's 1e300 is inf in float32, 1e5 in float16.
+        for part, w in (("A", wa), ("B", wb)):
+            if not bool(torch.isfinite(w.to(pool.dtype)).all()):
+                raise InvalidAdapter(f"adapter {name!r}: {path}.lora_{part} (times its scale {scale:g}) holds NaN or "
+                                     f"Inf in {str(pool.dtype).removeprefix('torch.')}", code="non_finite_weights")
+        weights[path] = (wa, wb)
     return Prepared(weights, files)
 
 
@@ -218,6 +196,9 @@ class AdapterSlots:
         for src, _ in spec.adapters:
             files = self.loaded[src].files
             cfg = copy.deepcopy(files.config)
+            # The workbench's leaves are the base's own layers: PEFT must build the LoRA layers
+            # without an initialisation that reads or writes them (the state dict replaces A and B).
+            cfg.init_lora_weights = False
             if peft is None:
                 peft = get_peft_model(bench, cfg, adapter_name=src)
             else:

@@ -1,9 +1,11 @@
 """Reading and checking a PEFT LoRA folder before any weight touches the model.
 
 Owns: the rules for what an adapter folder may contain (safetensors only;
-never a pickle, so never `.bin`, `.pt`, `.pth`, `.pkl`, `.ckpt`), parsing its
-`adapter_config.json` into a `LoraConfig`, the rank cap, finite weights, and
-its identity (sha256 over config and weights, size on disk).
+never a pickle, so never `.bin`, `.pt`, `.pth`, `.pkl`, `.ckpt`), reading its
+`adapter_config.json` with limits and through the allow-list (`config_check.py`)
+into a `LoraConfig`, floating-point weights only, and its identity (sha256 over
+config and weights, size on disk). Values are checked finite as stored here and
+again in `slots.prepare`, in the dtype they are served in.
 
 It does not know the base model; matching target modules and shapes against
 the base is the runner's job when it attaches the adapter.
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidAdapter
+from .config_check import MAX_CONFIG_BYTES, check_raw_config
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -52,19 +55,32 @@ def _hash_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def read_config_json(cfg_path: Path) -> Any:
+    """The parsed config file, with a size cap; InvalidAdapter for anything unreadable."""
+    try:
+        if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise InvalidAdapter(f"{cfg_path}: larger than {MAX_CONFIG_BYTES} bytes", code="invalid_config")
+        return json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
+        raise InvalidAdapter(f"{cfg_path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})",
+                             code="invalid_config") from None
+
+
 def describe_adapter(folder: Path) -> AdapterInfo:
     """What the registry lists for an adapter not (yet) in memory: config and file identity only.
     Full validation happens when it is loaded (`read_adapter`)."""
     folder = Path(folder)
     cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     try:
-        raw = json.loads(cfg_path.read_text())
+        raw = read_config_json(cfg_path)
+        if not isinstance(raw, dict):
+            raise InvalidAdapter(f"{cfg_path}: not a JSON object", code="invalid_config")
         targets = raw.get("target_modules") or ()
         target_tuple = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
         return AdapterInfo(folder.resolve(), int(raw["r"]), float(raw.get("lora_alpha", raw["r"])), target_tuple,
                            _hash_files([cfg_path, w_path]), cfg_path.stat().st_size + w_path.stat().st_size)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InvalidAdapter(f"{folder}: unreadable adapter ({e})", code="invalid_config") from None
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, AttributeError) as e:
+        raise InvalidAdapter(f"{folder}: unreadable adapter ({type(e).__name__}: {e})", code="invalid_config") from None
 
 
 def content_hash(folder: Path) -> str:
@@ -94,21 +110,14 @@ def read_adapter(folder: Path, *, max_rank: int) -> AdapterFiles:
         raise InvalidAdapter(f"{folder} has no {CONFIG_FILE}", code="missing_config")
     if not w_path.is_file():
         raise InvalidAdapter(f"{folder} has no {WEIGHTS_FILE}", code="missing_weights")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidAdapter(f"{cfg_path}: not valid JSON ({e})", code="invalid_config") from None
-    if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
-        raise InvalidAdapter(f"{cfg_path}: peft_type must be LORA, got {raw.get('peft_type') if isinstance(raw, dict) else raw!r}",
-                             code="invalid_config")
+    raw = read_config_json(cfg_path)
+    if isinstance(raw, dict) and raw.get("peft_type", "LORA") != "LORA":
+        raise InvalidAdapter(f"{cfg_path}: peft_type must be LORA, got {raw.get('peft_type')!r}", code="invalid_config")
+    check_raw_config(raw, max_rank=max_rank)  # before PEFT sees it, before anything touches the model
     try:
         config = LoraConfig.from_pretrained(str(folder))
     except Exception as e:  # PEFT raises TypeError/ValueError for bad fields
         raise InvalidAdapter(f"{cfg_path}: not a valid LoRA config ({e})", code="invalid_config") from None
-    if not isinstance(config.r, int) or config.r <= 0:
-        raise InvalidAdapter(f"{cfg_path}: rank r must be a positive integer, got {config.r!r}", code="invalid_config")
-    if config.r > max_rank:
-        raise InvalidAdapter(f"rank {config.r} exceeds max_lora_rank {max_rank}", code="rank_too_high")
     try:
         tensors = load_file(str(w_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -116,7 +125,10 @@ def read_adapter(folder: Path, *, max_rank: int) -> AdapterFiles:
     if not tensors:
         raise InvalidAdapter(f"{w_path}: holds no tensors", code="invalid_weights")
     for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise InvalidAdapter(f"{w_path}: tensor {name} is {str(t.dtype).removeprefix('torch.')}; LoRA weights "
+                                 "are floating point (float16, bfloat16, float32 or float64)", code="invalid_weights")
+        if not bool(torch.isfinite(t).all()):  # as stored; slots.prepare checks again as served
             raise InvalidAdapter(f"{w_path}: tensor {name} holds NaN or Inf", code="non_finite_weights")
     targets = config.target_modules
     target_tuple = (targets,) if isinstance(targets, str) else tuple(sorted(targets or ()))

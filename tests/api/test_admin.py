@@ -39,7 +39,7 @@ def test_load_idempotent_conflict_delete(c, store_copy):
     r = c.post("/admin/adapters", json={"name": "new-one", "path": "beta", "replace": True}, headers=ADMIN)
     assert r.status_code == 201 and r.json()["rank"] == 2
     r = c.post("/v1/completions", json={"model": "new-one", "prompt": "x", "max_tokens": 30}, headers=USER)
-    assert r.json()["choices"][0]["text"] == "[new-one] x"
+    assert r.json()["choices"][0]["text"] == "[new-one~1] x"  # the engine serves the new version
     assert c.delete("/admin/adapters/new-one", headers=ADMIN).status_code == 200
     assert "new-one" not in models(c)
     r = c.post("/v1/completions", json={"model": "new-one", "prompt": "x"}, headers=USER)
@@ -174,3 +174,13 @@ def test_without_admin_token_only_loopback(make_client):
     c = make_client()  # TestClient's client address is "testclient", not loopback
     r = c.get("/admin/adapters")
     assert r.status_code == 403 and r.json()["error"]["code"] == "admin_loopback_only"
+
+
+def test_issue15_finding11_the_admin_api_lists_folders_that_failed(make_client, store_copy):
+    shutil.copytree(store_copy / "alpha", store_copy / "broken")
+    (store_copy / "broken" / "adapter_config.json").write_text("[]")
+    c = make_client(env=ENV)
+    body = c.get("/admin/adapters", headers=ADMIN).json()
+    assert [f["name"] for f in body["failed"]] == ["broken"] and "JSON object" in body["failed"][0]["reason"]
+    assert "broken" not in [e["name"] for e in body["data"]]
+    assert c.get("/ready").status_code == 200  # one bad folder never stops the server

@@ -147,3 +147,20 @@ def test_api_keys(make_client):
     assert_error(c.get("/v1/models"), 401)
     assert c.post("/v1/completions", json=payload, headers={"authorization": "Bearer k2"}).status_code == 200
     assert c.get("/health").status_code == 200  # public
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/completions", '{"model": "fake-model", "prompt": "a\\ud800b", "max_tokens": 3}'),
+    ("/v1/completions", '{"model": "fake-model", "prompt": ["ok", "a\\udfffb"], "max_tokens": 3}'),
+    ("/v1/chat/completions", '{"model": "fake-model", "messages": [{"role": "user", "content": "a\\udc00b"}]}'),
+    ("/v1/chat/completions", '{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stop": "\\ud800"}'),
+    ("/v1/responses", '{"model": "fake-model", "input": [{"role": "user", "content": "\\ud800"}]}'),
+    ("/tokenize", '{"prompt": "a\\ud800"}'),
+])
+def test_issue15_finding12_a_lone_surrogate_is_a_400_not_a_500(client, route, body):
+    r = client.post(route, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "surrogate" in r.json()["error"]["message"]
+    ok = client.post(route, content=body.replace("\\ud800", "\\ud83d\\ude00").replace("\\udc00", "é")
+                     .replace("\\udfff", "é"), headers={"content-type": "application/json"})
+    assert ok.status_code == 200, ok.text  # a real pair (an emoji) is text

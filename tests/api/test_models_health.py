@@ -107,3 +107,13 @@ def test_tokenize_refusals(client, path, body, status, param):
 def test_tokenizer_info_for_remote_tokenizers(client):
     info = client.get("/tokenizer_info").json()
     assert info["tokenizer_class"] == "ByteTokenizer" and info["model_max_length"] == 512 and "eos_token" in info
+
+
+def test_models_retrieve_a_blend(make_client):
+    c = make_client(env={"LORAPLEX_SERVER__ADMIN_TOKEN": "adm"})
+    r = c.post("/admin/blends", headers={"Authorization": "Bearer adm"},
+               json={"name": "mixed", "adapters": [{"name": "alpha", "weight": 0.5}, {"name": "beta", "weight": 0.5}],
+                     "combination_type": "cat"})
+    assert r.status_code == 201, r.text
+    m = c.get("/v1/models/mixed").json()
+    assert m["id"] == "mixed" and m["parent"] == "fake-model" and m["max_model_len"] == 512

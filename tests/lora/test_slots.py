@@ -92,12 +92,3 @@ def test_targeted_layer_without_weights_is_refused():
     assert e.value.code == "invalid_weights"
 
 
-@pytest.mark.parametrize("cfg,what", [({"use_dora": True}, "DoRA"), ({"lora_bias": True}, "lora_bias"),
-                                      ({"bias": "all"}, "bias"), ({"modules_to_save": ["lm_head"]}, "modules_to_save")])
-def test_features_not_computed_are_refused_by_name(cfg, what):
-    pool, modules = wrapped(tiny_llama(100))
-    ok = {P + f"model.layers.{i}.self_attn.q_proj.lora_{p}.weight": torch.zeros(s) for i in (0, 1)
-          for p, s in (("A", (4, 64)), ("B", (64, 4)))}
-    with pytest.raises(InvalidAdapter, match=what) as e:
-        prepare("a", files(ok, **cfg), pool, modules)
-    assert e.value.code == "unsupported_adapter"
