@@ -53,6 +53,9 @@ class ServerConfig:
     # A request still generating after this many seconds is ended (408, or an error event in a
     # stream), so a slow client or a huge max_tokens cannot hold a batch slot forever. 0 = no limit.
     request_timeout_s: float = 600.0
+    # A stream whose client has not taken the next event for this long (it stopped reading; its
+    # socket is full) is ended and its adapter released, so slow readers cannot hold slots. 0 = never.
+    stream_idle_timeout_s: float = 60.0
     # On SIGTERM: /ready turns 503 and new requests get 503 at once; running requests get this
     # long to finish, then end with an error event; then the process exits 0.
     drain_timeout_s: float = 30.0
@@ -281,6 +284,7 @@ def _validate(cfg: Config) -> None:
         if v < 0:
             raise ConfigError(f"{name}: must be >= 0, got {v}")
     for name, v in [("server.request_timeout_s", cfg.server.request_timeout_s),
+                    ("server.stream_idle_timeout_s", cfg.server.stream_idle_timeout_s),
                     ("adapters.slot_wait_s", cfg.adapters.slot_wait_s),
                     ("server.drain_timeout_s", cfg.server.drain_timeout_s)]:
         if not v >= 0:  # also refuses NaN

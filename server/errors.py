@@ -74,5 +74,9 @@ class NotReady(LoraplexError):
     pass
 
 
+class StorageError(LoraplexError):
+    """The registry's state could not be written; the operation was rolled back."""
+
+
 class ConfigError(Exception):
     """A bad configuration value; the message names the TOML key and the value."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .engine.protocol import Engine
-from .errors import Conflict, InvalidAdapter, InvalidRequest, NotFound, Overloaded
+from .errors import Conflict, InvalidAdapter, InvalidRequest, NotFound, NotReady, Overloaded, StorageError
 from .lora.blend import BlendSpec, check_spec
 from .lora.weights import AdapterInfo, content_hash, describe_adapter
 from .state import Record, State, StateFile
@@ -61,6 +61,7 @@ class Entry:
     created: int = field(default_factory=lambda: int(time.time()))  # registration time, kept across restarts
     use_seq: int = 0                # LRU order: a counter, not a clock, so that ties cannot happen
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    error: str | None = None        # why its last reload failed (its files changed or broke on disk)
     # The name the engine knows it by: the name itself, or "name~N" for the N-th replacement,
     # so the new version is loaded beside the old and the two never share a slot name.
     engine_key: str = ""
@@ -214,7 +215,15 @@ class Registry:
         if not e.loaded:
             async with self._lock:
                 if not e.loaded:
-                    await self._load_into_memory(e, wait=self.slot_wait_s if request else 0.0)
+                    try:
+                        await self._load_into_memory(e, wait=self.slot_wait_s if request else 0.0)
+                    except InvalidAdapter as err:
+                        # Its files changed or broke on disk after it was validated: the reason is for
+                        # the admin API (it holds paths); the client learns only that it is unavailable.
+                        e.error = err.message
+                        raise NotReady(f"adapter {e.name!r} is unavailable: its files on disk changed or broke "
+                                       "since it was registered; an admin must replace it",
+                                       code="adapter_unavailable") from None
 
     def release(self, lease: Lease) -> None:
         if lease.released:
@@ -280,10 +289,17 @@ class Registry:
         await self._make_room(wait)
         t0 = time.perf_counter()
         try:
-            e.info = await self.engine.load_adapter(e.engine_key, e.path, check_rank=e.kind == "adapter")
+            info = await self.engine.load_adapter(e.engine_key, e.path, check_rank=e.kind == "adapter")
         except InvalidAdapter:
             self.observer.adapter_loaded("invalid")
             raise
+        if e.info.sha256 and info.sha256 != e.info.sha256:  # what is served is what was validated
+            await self.engine.unload_adapter(e.engine_key)
+            self.observer.adapter_loaded("invalid")
+            raise InvalidAdapter(f"adapter {e.name!r}: its files in {e.path} changed since it was registered "
+                                 f"(sha256 {e.info.sha256[:12]} then, {info.sha256[:12]} now); register it again "
+                                 "with replace to serve the new content", code="content_changed")
+        e.info, e.error = info, None
         self.observer.adapter_loaded("ok", time.perf_counter() - t0)
         e.loaded, e.loaded_at = True, time.time()
         self._seq += 1
@@ -323,9 +339,18 @@ class Registry:
             except BaseException:
                 del self._entries[name]  # a failed load leaves no trace
                 raise
+            was_removed = name in self._removed
             self._removed.discard(name)
+            try:
+                self._save()
+            except StorageError:  # all or nothing: unregistered and out of memory again
+                del self._entries[name]
+                if was_removed:
+                    self._removed.add(name)
+                entry.loaded = False
+                await self.engine.unload_adapter(entry.engine_key)
+                raise
             self.failed.pop(name, None)
-            self._save()
         log.info("registered %s from %s (rank %d, %s)", name, folder, entry.info.rank, ",".join(entry.info.target_modules))
         return entry, True
 
@@ -346,7 +371,7 @@ class Registry:
                 self._retiring.add(old)
             try:
                 self._save()
-            except BaseException:
+            except StorageError:
                 self._entries[old.name] = old  # roll back the swap
                 self._retiring.discard(old)
                 await self.engine.unload_adapter(new.engine_key)
@@ -365,19 +390,32 @@ class Registry:
 
     async def unregister(self, name: str) -> Entry:
         e = self.get(name)
+        # A folder directly in the store (an adapter, or a blend saved there) is remembered as
+        # removed, so the next start does not register it again.
+        in_store = e.path is not None and e.path.parent == self.store.resolve()
+        was_removed = name in self._removed
         e.draining = True  # new requests get 404 from here on
-        self._save()
+        if in_store:
+            self._removed.add(name)
+        try:
+            self._save()  # written before anything is undone: a failure here changes nothing
+        except StorageError:
+            e.draining = False
+            if not was_removed:
+                self._removed.discard(name)
+            raise
         await e.idle.wait()  # leases out finish normally
         async with self._lock:
             if e.loaded:
                 await self.engine.unload_adapter(e.engine_key)
                 e.loaded = False
             self._entries.pop(name, None)
-            if e.path is not None and e.kind == "adapter" and self._in_store(e.path):
-                self._removed.add(name)  # a folder in the store is not re-registered at the next start
             if e.kind == "blend" and e.path is not None and self.state.blends in e.path.parents:
                 shutil.rmtree(e.path, ignore_errors=True)
-            self._save()
+            try:
+                self._save()
+            except StorageError as err:  # the state on disk already says it is gone
+                log.warning("unregistered %s; the state write after it failed: %s", name, err.message)
         self.observer.adapter_forgotten(name)
         log.info("unregistered %s", name)
         return e
@@ -401,8 +439,18 @@ class Registry:
                         e.pinned = False
                         raise
         else:
-            e.pinned = pinned
-        self._save()
+            was, e.pinned = e.pinned, pinned
+            try:
+                self._save()
+            except StorageError:
+                e.pinned = was
+                raise
+            return e
+        try:
+            self._save()
+        except StorageError:
+            e.pinned = False  # it stays in memory, unpinned, as before
+            raise
         return e
 
     async def create_blend(self, name: str, spec: BlendSpec, *, save: bool = False) -> tuple[Entry, bool]:
@@ -442,7 +490,13 @@ class Registry:
                 entry = Entry(name, "blend", target.resolve(), dataclasses.replace(info, folder=target.resolve()),
                               loaded=True, loaded_at=time.time(), recipe=spec)
                 self._entries[name] = entry
-                self._save()
+                try:
+                    self._save()
+                except StorageError:  # all or nothing: no entry, no slot, no folder
+                    del self._entries[name]
+                    await self.engine.unload_adapter(entry.engine_key)
+                    shutil.rmtree(target, ignore_errors=True)
+                    raise
         finally:
             self.release(lease)
         self.observer.blend_created()
@@ -450,15 +504,16 @@ class Registry:
         return entry, True
 
     # -- start-up and persistence ----------------------------------------------------
-    def _in_store(self, folder: Path) -> bool:
-        root = self.store.resolve()
-        return root in Path(folder).resolve().parents
-
     def _save(self) -> None:
+        """Write the state file; StorageError (503) when it cannot be, for the caller to roll back."""
         records = [Record(e.name, e.kind, self.state.rel(e.path), e.pinned, e.info.sha256,
                           e.recipe.recipe() if e.recipe else None, e.created)
                    for e in self._entries.values() if not e.draining and e.path is not None]
-        self.state.write(State(records, sorted(self._removed)))
+        try:
+            self.state.write(State(records, sorted(self._removed)))
+        except OSError as e:
+            raise StorageError(f"the registry's state file could not be written ({e.strerror or e}); the change "
+                               "was not made", code="storage_error") from None
 
     async def start(self, scan_store: bool = True) -> list[str]:
         """Restore the saved state, add new store folders, fill memory (pinned first)."""
@@ -478,6 +533,10 @@ class Registry:
             try:
                 inside = self.resolve_folder(folder)  # a folder or a file leading outside the roots: refused
                 info = describe_adapter(inside)
+                if r.sha256 and info.sha256 != r.sha256:
+                    raise InvalidAdapter(f"its files changed since it was registered (sha256 {r.sha256[:12]} "
+                                         f"then, {info.sha256[:12]} now); register it again to serve them",
+                                         code="content_changed")
             except (InvalidAdapter, InvalidRequest) as e:
                 log.warning("skipping %s: %s", r.name, e.message)
                 self.failed[r.name] = (str(folder), e.message)

@@ -447,3 +447,117 @@ def test_issue15_finding9_a_mix_after_a_replace_uses_the_new_version(store):
         assert before.mix == (("alpha", 0.5), ("gamma", 0.5)) and after.mix == (("alpha~1", 0.5), ("gamma", 0.5))
         reg.release(after)
     run(main())
+
+
+def _snapshot(reg, eng, store):
+    return ({e.name: (e.engine_key, e.pinned, e.loaded, e.info.sha256) for e in reg.entries()}, set(eng.adapters),
+            sorted(p.name for p in store.iterdir()), (store / ".loraplex" / "state.json").read_text())
+
+
+@pytest.mark.parametrize("op", ["register", "replace", "unregister", "pin", "unpin", "blend", "saved-blend"])
+def test_issue15_finding5_a_failed_state_write_changes_nothing(store, op):
+    from server.errors import StorageError
+
+    reg, eng = make(store)
+
+    async def main():
+        await reg.start(scan_store=False)
+        await reg.register("alpha", "alpha")
+        await reg.register("gamma", "gamma", pinned=True)
+        before = _snapshot(reg, eng, store)
+        real = reg.state.write
+
+        def broken(*a, **k):
+            raise OSError(28, "No space left on device")
+        reg.state.write = broken
+        action = {"register": lambda: reg.register("beta", "beta"),
+                  "replace": lambda: reg.register("alpha", "delta", replace=True),
+                  "unregister": lambda: reg.unregister("alpha"),
+                  "pin": lambda: reg.set_pinned("alpha", True),
+                  "unpin": lambda: reg.set_pinned("gamma", False),
+                  "blend": lambda: reg.create_blend("mix", BlendSpec((("alpha", 0.5), ("gamma", 0.5)), "cat")),
+                  "saved-blend": lambda: reg.create_blend("mix", BlendSpec((("alpha", 0.5), ("gamma", 0.5)), "cat"),
+                                                          save=True)}[op]
+        with pytest.raises(StorageError) as e:
+            await action()
+        assert e.value.code == "storage_error"
+        await asyncio.sleep(0.01)
+        assert _snapshot(reg, eng, store) == before
+        lease = await reg.acquire("alpha")  # and it still serves
+        reg.release(lease)
+        reg.state.write = real
+    run(main())
+
+
+def test_issue15_finding6_a_deleted_saved_blend_stays_deleted_after_a_restart(store):
+    reg, eng = make(store)
+
+    async def main():
+        await reg.start()
+        await reg.create_blend("keep", BlendSpec((("alpha", 0.5), ("gamma", 0.5)), "cat"), save=True)
+        assert (store / "keep").is_dir()
+        await reg.unregister("keep")
+    run(main())
+    again, _ = make(store)
+    run(again.start())
+    assert "keep" not in {e.name for e in again.entries()}
+
+
+def test_issue15_finding8_a_reload_serves_only_what_was_validated(store):
+    from server.errors import NotReady
+
+    reg, eng = make(store, capacity=1)
+
+    async def main():
+        await reg.register("alpha", "alpha")
+        await reg.register("beta", "beta")          # capacity 1: alpha is evicted
+        assert "alpha" not in eng.adapters
+        shutil.copy(store / "gamma" / "adapter_model.safetensors", store / "alpha" / "adapter_model.safetensors")
+        with pytest.raises(NotReady) as e:
+            await reg.acquire("alpha")
+        assert e.value.code == "adapter_unavailable" and str(store) not in e.value.message  # no paths to clients
+        assert "changed since it was registered" in reg.get("alpha").error
+        assert "alpha" not in eng.adapters          # never served
+        lease = await reg.acquire("beta")           # the others serve on
+        reg.release(lease)
+    run(main())
+    again, _ = make(store)
+    run(again.start())                              # and after a restart it is listed as failed
+    assert "alpha" in again.failed and "changed since it was registered" in again.failed["alpha"][1]
+
+
+@pytest.mark.parametrize("failure", ["read", "copy"])
+@pytest.mark.parametrize("op", ["register", "replace", "blend", "reload"])
+def test_issue15_a_failed_load_or_copy_changes_nothing(store, op, failure):
+    """The other two steps of the all-or-nothing helper: the file read (InvalidAdapter) and the copy
+    into memory (any error) fail in turn; everything is as it was. (Residency is a cache: a reload
+    that must evict another adapter first may leave that one evicted; nothing else changes.)"""
+    reg, eng = make(store, capacity=3 if op == "reload" else 4)
+
+    async def main():
+        await reg.start(scan_store=False)
+        await reg.register("alpha", "alpha")
+        await reg.register("gamma", "gamma")
+        await reg.register("delta", "delta")
+        if op == "reload":
+            await reg.register("beta", "beta")   # capacity 3: alpha (least recently used) is evicted
+        before = _snapshot(reg, eng, store)
+        err = InvalidAdapter("read failed", code="invalid_weights") if failure == "read" else RuntimeError("copy failed")
+
+        async def broken(*a, **k):
+            raise err
+        eng.load_adapter = broken
+        eng.create_blend = broken
+        action = {"register": lambda: reg.register("beta2", "beta"),
+                  "replace": lambda: reg.register("gamma", "beta", replace=True),
+                  "blend": lambda: reg.create_blend("mix", BlendSpec((("gamma", 0.5), ("delta", 0.5)), "cat")),
+                  "reload": lambda: reg.acquire("alpha")}[op]
+        with pytest.raises((InvalidAdapter, RuntimeError, Exception)):
+            await action()
+        after = _snapshot(reg, eng, store)
+        if op == "reload":  # the only traces: the reason, for the admin API, and the eviction
+            assert (reg.get("alpha").error is not None) == (failure == "read")
+            strip = lambda snap: ({k: (v[0], v[1], v[3]) for k, v in snap[0].items()},) + snap[2:]  # noqa: E731
+            before, after = strip(before), strip(after)
+        assert after == before
+    run(main())

@@ -64,6 +64,7 @@ def entry_json(e: Entry) -> dict:
         "sha256": e.info.sha256, "pinned": e.pinned, "loaded": e.loaded, "loaded_at": e.loaded_at,
         "last_used_at": e.last_used_at, "requests_total": e.requests_total, "inflight": e.inflight,
         "recipe": e.recipe.recipe() if e.recipe else None,
+        "status": "unavailable" if e.error else "ok", "error": e.error,
     }
 
 

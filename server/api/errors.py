@@ -30,6 +30,7 @@ TABLE: dict[type[E.LoraplexError], tuple[int, str]] = {
     E.InvalidAdapter: (422, "invalid_request_error"),
     E.Overloaded: (429, "rate_limit_error"),
     E.NotReady: (503, "service_unavailable_error"),
+    E.StorageError: (503, "service_unavailable_error"),
 }
 _HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",

@@ -92,7 +92,9 @@ def _stream(state: AppState, plan: Plan, chunks: Callable, model: str, include_u
             _abort_all(state, plan)  # no-op for finished requests; stops the rest
             state.registry.release(lease)
             record.done()
-    return EventSourceResponse(events(), ping=15)
+    # send_timeout: a client that stops reading blocks the send once its socket is full; past the
+    # limit sse-starlette closes the stream, and the `finally` above aborts and releases.
+    return EventSourceResponse(events(), ping=15, send_timeout=state.config.server.stream_idle_timeout_s or None)
 
 
 async def run_request(request: Request, state: AppState, body, planner: Callable, chunks: Callable, route: str,

@@ -389,6 +389,16 @@ class TorchEngine:
             self._drop(lv)
             with self._lock:
                 self._finish(lv.request_id)
+        if lives:
+            # A row whose logits are not numbers (an adapter's weights gone bad) fails alone: the
+            # sampler must never see it, or one tenant's row would fail the whole step.
+            bad = torch.isnan(logits).any(dim=-1).tolist()
+            if any(bad):
+                keep = [i for i, b in enumerate(bad) if not b]
+                self._fail([lv for lv, b in zip(lives, bad) if b],
+                           LoraplexError("engine error: the model produced NaN for this request (its adapter's "
+                                         "weights?)", code="engine_error"))
+                lives, logits = [lives[i] for i in keep], logits[keep]
         if not lives:
             self._out.put(batch)
             return

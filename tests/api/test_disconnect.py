@@ -79,3 +79,34 @@ def test_in_flight_counts_exact_after_disconnects_and_n(live):
     entry = reg.get("alpha")
     assert wait_for(lambda: entry.inflight == 0), entry.inflight
     assert entry.requests_total == 3     # one per HTTP request, whatever n
+
+
+def test_issue15_finding14_a_client_that_stops_reading_loses_its_stream_and_lease(store_copy):
+    """A raw socket that sends a streaming request and never reads: once the socket is full the
+    send blocks; past server.stream_idle_timeout_s the stream ends and the lease is released."""
+    import json
+    import socket
+
+    engine = FakeEngine(context_length=300_000)
+    env = {"LORAPLEX_ADAPTERS__DIR": str(store_copy), "LORAPLEX_SERVER__STREAM_IDLE_TIMEOUT_S": "1",
+           "LORAPLEX_SERVER__MAX_TOKENS": "200000"}
+    app = create_app(load_config(environ=env), engine=engine)
+    registry = app.state.loraplex.registry
+    with LiveApp(app) as live_app:
+        host, port = live_app.url.removeprefix("http://").split(":")
+        body = json.dumps({"model": "alpha", "prompt": "x", "max_tokens": 200000, "ignore_eos": True,
+                           "stream": True}).encode()
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((host, int(port)))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        try:
+            assert wait_for(lambda: engine.running, 5)
+            assert wait_for(lambda: not engine.running, 30), "a stream nobody reads kept generating"
+            assert len(engine.aborted) == 1
+            assert wait_for(lambda: registry.get("alpha").inflight == 0, 5), "its lease was never released"
+        finally:
+            s.close()
+        r = httpx.post(live_app.url + "/v1/completions", json={"model": "alpha", "prompt": "ok", "max_tokens": 20})
+        assert r.status_code == 200

@@ -153,3 +153,24 @@ def test_cached_blocks_are_evicted_oldest_first_when_the_pool_needs_them():
 def test_budget_must_cover_every_running_sequence():
     with pytest.raises(ValueError):
         Budget(32, 16, 16)
+
+
+def test_issue15_finding13_an_8191_token_prompt_never_stalls_running_streams():
+    """The default budget (512 tokens a step, 64 per prompt while others decode): with 31 streams
+    decoding, an 8,191-token prompt arrives; every step still gives each stream its token, and no
+    step computes more than the budget, so no step grows with the prompt."""
+    s = Scheduler(BlockManager(4096, 16), Budget(32, 512, 64))
+    for i in range(31):
+        s.add(seq(f"d{i}", 8))
+    run_step(s)
+    s.add(KVSeq("long", list(range(10_000, 18_191))))
+    steps = 0
+    while True:
+        step = run_step(s)
+        got = {kv.seq_id: n for kv, n in step.items}
+        assert all(got.get(f"d{i}") == 1 for i in range(31)), got
+        assert step.num_tokens <= 512 and got.get("long", 0) <= 64
+        steps += 1
+        if next(kv for kv in s.running if kv.seq_id == "long").num_computed >= 8191:
+            break
+    assert steps == -(-8191 // 64)

@@ -200,3 +200,47 @@ def test_requests_join_a_running_batch(engine):
     outs, order = asyncio.run(main())
     assert outs == solo
     assert order[-1] == 0, f"the long request should finish last, got {order}"
+
+
+def test_issue15_finding2_a_poisoned_slot_changes_no_other_row(engine):
+    """Weights with inf and NaN put in a slot below every validator: the base and clean-adapter rows
+    in the same batches are token for token what they are without it, greedy and sampled; the
+    poisoned rows fail alone."""
+    from server.lora.slots import Prepared
+
+    runner = engine._runner
+    clean = runner.slots.loaded["alpha"]
+    poisoned = {}
+    for path, (a, b) in clean.weights.items():
+        a, b = a.clone(), b.clone()
+        a[0, 0], b[0, 0], b[-1, -1] = float("inf"), float("nan"), float("-inf")
+        poisoned[path] = (a, b)
+    runner.slots.install("poison", Prepared(poisoned, clean.files), identity="poison")
+    try:
+        def batch(with_poison):
+            reqs = []
+            for i, prompt in enumerate(PROMPTS):
+                reqs.append(req(engine, f"b{i}-{with_poison}", prompt, None, ignore_eos=True))
+                reqs.append(req(engine, f"a{i}-{with_poison}", prompt, "beta", ignore_eos=True, temperature=1.0,
+                                seed=i))
+                if with_poison:
+                    reqs.append(req(engine, f"p{i}", prompt, "poison", ignore_eos=True, temperature=1.0, seed=i))
+            return reqs
+
+        async def collect(reqs):
+            async def one(r):
+                try:
+                    return [t for ev in [e async for e in engine.submit(r)] for t in ev.token_ids]
+                except Exception as e:  # the poisoned rows' error
+                    return e
+            return await asyncio.gather(*(one(r) for r in reqs))
+
+        quiet = asyncio.run(collect(batch(False)))
+        mixed = asyncio.run(collect(batch(True)))
+        clean_mixed = [x for r, x in zip(batch(True), mixed) if not r.request_id.startswith("p")]
+        assert clean_mixed == quiet
+        poisoned_out = [x for r, x in zip(batch(True), mixed) if r.request_id.startswith("p")]
+        assert all(isinstance(x, Exception) for x in poisoned_out), poisoned_out
+        assert asyncio.run(collect(batch(False))) == quiet  # and nothing lingers in the KV cache
+    finally:
+        asyncio.run(engine.unload_adapter("poison"))
