@@ -125,7 +125,8 @@ def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_fai
 
     # No /docs or /redoc (deny by default: every route has a class, see api/deps.route_class);
     # /openapi.json stays public for clients and fuzzers.
-    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  redirect_slashes=False)  # a 307 would answer before auth, echoing the client's Host
     app.state.loraplex = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)

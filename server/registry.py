@@ -120,6 +120,7 @@ class Registry:
         self.failed: dict[str, tuple[str, str]] = {}
         self._retiring: set[Entry] = set()   # replaced versions, unloaded once their requests finish
         self._versions = 0                   # replacements made: the N of "name~N"
+        self._tasks: set[asyncio.Task] = set()  # retirements in flight (held: the loop keeps weak refs)
         self._lock = asyncio.Lock()
         self._seq = 0
         self.slot_wait_s = slot_wait_s
@@ -376,7 +377,9 @@ class Registry:
                 self._retiring.discard(old)
                 await self.engine.unload_adapter(new.engine_key)
                 raise
-        asyncio.get_running_loop().create_task(self._retire(old))
+        task = asyncio.get_running_loop().create_task(self._retire(old))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         log.info("replaced %s with %s (the old version finishes its %d requests)", old.name, folder, old.inflight)
         return new
 

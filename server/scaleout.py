@@ -47,8 +47,10 @@ log = logging.getLogger("loraplex.scaleout")
 
 ADMIN_WRITE_PREFIXES = ("/admin/adapters", "/admin/blends", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 JOB_PREFIXES = ("/admin/train", "/admin/exports", "/admin/jobs")
-INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
+INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 FORWARDED_HEADERS = ("content-type", "retry-after", "x-request-id", "cache-control")
+# Never kept in the directory's log: a replay carries the replica's own admin credentials.
+SECRET_HEADERS = ("authorization", "cookie", "proxy-authorization", "x-api-key")
 SYNC_INTERVAL_S = 0.5
 
 
@@ -164,18 +166,25 @@ class ReplicaServer:
         self._poller = asyncio.create_task(self._poll())
 
     def _start_metrics(self) -> str:
-        """This replica's /metrics on its own port, so Prometheus scrapes replicas one by one."""
+        """This replica's /metrics on its own port, so Prometheus scrapes replicas one by one: on
+        `server.host`, and only where `server.metrics_access` is public (prometheus_client's server
+        has no auth; otherwise scrape the router's replicas through an authenticated proxy)."""
         import socket
 
         from prometheus_client import start_http_server
 
+        cfg = self.state.config.server
+        if cfg.metrics_access != "public":
+            log.info("replica %s: no per-replica /metrics (server.metrics_access = %s)", self.id, cfg.metrics_access)
+            return ""
         with socket.socket() as s:
-            s.bind(("0.0.0.0", 0))
+            s.bind((cfg.host, 0))
             port = s.getsockname()[1]
-        start_http_server(port, addr="0.0.0.0", registry=self.state.metrics.registry)
+        start_http_server(port, addr=cfg.host, registry=self.state.metrics.registry)
         import ray
 
-        return f"{ray.util.get_node_ip_address()}:{port}"
+        host = ray.util.get_node_ip_address() if cfg.host in ("0.0.0.0", "::") else cfg.host
+        return f"{host}:{port}"
 
     async def _load_adapter(self, name: str) -> "_Held":
         """Called by Ray's multiplex wrapper when `name` is not cached on this replica: load it here."""
@@ -201,8 +210,11 @@ class ReplicaServer:
         async with self._sync_lock:
             for op in await self.directory.since.remote(self.applied):
                 if op["origin"] != self.id:
-                    out = await collect(asgi_call(self.app, op["method"], op["path"], "", op["headers"],
-                                                  op["body"].encode(), op["client"]))
+                    # The log holds no credentials: the replay is this replica's own admin call.
+                    token = self.state.admin_token
+                    headers = op["headers"] + ([("authorization", f"Bearer {token}")] if token else [])
+                    out = await collect(asgi_call(self.app, op["method"], op["path"], "", headers,
+                                                  op["body"].encode(), "127.0.0.1"))
                     if out["status"] >= 400:
                         log.info("replica %s: replaying %s %s gave %s", self.id, op["method"], op["path"],
                                  out["status"])
@@ -214,10 +226,13 @@ class ReplicaServer:
                 "hits": dict(self.hits), "registered": [e.name for e in self.state.registry.entries()],
                 "base": self.state.registry.base_id, "metrics": self.metrics_url, "at": time.time()}
 
-    async def _prepare(self) -> None:
+    async def _prepare(self, seq: int) -> None:
+        """Before a request: replay the log only if the router has seen writes this replica has
+        not (`seq`), so a request costs no directory call otherwise; the timer catches up the rest."""
         from ray import serve
 
-        await self._sync()
+        if seq > self.applied:
+            await self._sync()
         name = serve.get_multiplexed_model_id()
         if name:
             if name in self.held:
@@ -225,13 +240,13 @@ class ReplicaServer:
             await self.adapter(name)
 
     async def handle(self, req: dict) -> dict:
-        await self._prepare()
+        await self._prepare(req.get("seq", 0))
         out = await collect(asgi_call(self.app, req["method"], req["path"], req["query"], req["headers"],
                                       req["body"], req["client"]))
         return {**out, "replica": self.id}
 
     async def handle_stream(self, req: dict) -> AsyncIterator[Any]:
-        await self._prepare()
+        await self._prepare(req.get("seq", 0))
         async for item in asgi_call(self.app, req["method"], req["path"], req["query"], req["headers"],
                                     req["body"], req["client"]):
             yield item
@@ -300,17 +315,27 @@ def build_app(args: dict) -> Any:
 
     @serve.ingress(router_app)
     class Router:
-        def __init__(self, replica: Any, directory: Any):
+        def __init__(self, replica: Any, directory: Any, config_path: str | None, env: dict[str, str]):
+            from .config import load_config
+
             self.replica, self.directory = replica, directory
+            self.cfg = load_config(config_path, environ={**os.environ, **env})
+            self.admin_token = self.cfg.admin_token()
+            self.seq = 0   # the directory's last write this router made: replicas behind it replay first
 
         @router_app.get("/cluster")
-        async def cluster(self):
+        async def cluster(self, request: Request):
+            if (denied := _admin_denied(request, self.admin_token)) is not None:
+                return denied
             return await self.directory.view.remote()
 
         @router_app.get("/metrics/targets")
-        async def targets(self):
+        async def targets(self, request: Request):
+            if (denied := _admin_denied(request, self.admin_token)) is not None:
+                return denied
             view = await self.directory.view.remote()
-            return [{"targets": [r["metrics"]], "labels": {"replica": rid}} for rid, r in view["replicas"].items()]
+            return [{"targets": [r["metrics"]], "labels": {"replica": rid}} for rid, r in view["replicas"].items()
+                    if r.get("metrics")]
 
         @router_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
         async def forward(self, path: str, request: Request):
@@ -321,10 +346,14 @@ def build_app(args: dict) -> Any:
                                "replica); run `loraplex train --register --server ROUTER_URL` instead",
                     "type": "invalid_request_error", "param": None, "code": "not_supported_in_cluster"}},
                     status_code=400)
-            body = await request.body()
+            body = await _capped_body(request, self.cfg.server.max_body_bytes)
+            if body is None:
+                return JSONResponse({"error": {"message": f"the body is larger than server.max_body_bytes "
+                                               f"({self.cfg.server.max_body_bytes})", "type": "invalid_request_error",
+                                               "param": None, "code": "body_too_large"}}, status_code=413)
             req = {"method": request.method, "path": path, "query": request.url.query, "body": body,
                    "headers": [(k, v) for k, v in request.headers.items() if k.lower() != "host"],
-                   "client": request.client.host if request.client else "127.0.0.1"}
+                   "client": request.client.host if request.client else "127.0.0.1", "seq": self.seq}
             mid = ""
             if path in INFERENCE_PATHS:
                 mid = affinity_key(body, set(await self.directory.known.remote()))
@@ -335,9 +364,10 @@ def build_app(args: dict) -> Any:
                                              headers=_headers(head["headers"]))
             out = await self.replica.options(multiplexed_model_id=mid).handle.remote(req)
             if is_admin_write(request.method, path) and out["status"] < 300:
-                await self.directory.append.remote({
-                    "method": req["method"], "path": path, "headers": req["headers"],
-                    "body": body.decode(errors="replace"), "client": req["client"], "origin": out["replica"]})
+                self.seq = await self.directory.append.remote({
+                    "method": req["method"], "path": path,
+                    "headers": [(k, v) for k, v in req["headers"] if k.lower() not in SECRET_HEADERS],
+                    "body": body.decode(errors="replace"), "origin": out["replica"]})
             return Response(out["body"], status_code=out["status"], headers=_headers(out["headers"]))
 
     directory = serve.deployment(Directory, name="directory", ray_actor_options={"num_cpus": 0}).bind()
@@ -345,7 +375,38 @@ def build_app(args: dict) -> Any:
                                ray_actor_options={"num_cpus": float(args.get("cpus_per_replica", 0))}
                                ).bind(config_path, env, directory)
     return serve.deployment(Router, name="router", max_ongoing_requests=1024,
-                            ray_actor_options={"num_cpus": 0}).bind(replica, directory)
+                            ray_actor_options={"num_cpus": 0}).bind(replica, directory, config_path, env)
+
+
+def _admin_denied(request: Request, token: str) -> Any:
+    """None when the caller may see the cluster's admin views (the admin token, or loopback when no
+    token is configured, as for /admin), else the 401/403 to answer."""
+    import hmac
+
+    from fastapi.responses import JSONResponse
+
+    got = request.headers.get("authorization", "")
+    if token:
+        if got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), token.encode()):
+            return None
+        status, msg = 401, "the admin token is required: Authorization: Bearer ADMIN_TOKEN"
+    elif request.client is not None and request.client.host in ("127.0.0.1", "::1", "localhost"):
+        return None
+    else:
+        status, msg = 403, "with no admin token configured, the cluster views answer loopback clients only"
+    return JSONResponse({"error": {"message": msg, "type": "authentication_error" if status == 401 else
+                                   "permission_error", "param": None, "code": None}}, status_code=status)
+
+
+async def _capped_body(request: Request, cap: int) -> bytes | None:
+    """The body, or None past `cap` bytes (read no further than that)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _wants_stream(body: bytes) -> bool:

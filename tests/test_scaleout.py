@@ -139,3 +139,41 @@ def test_two_replicas_route_by_adapter_and_unload_everywhere(cluster):
     assert len(targets) == 2
     scraped = httpx.get(f"http://{targets[0]['targets'][0]}/metrics").text
     assert "loraplex_requests_total" in scraped
+
+
+def test_issue15_finding16_the_router_guards_its_views_and_caps_bodies():
+    """The router's helpers (no Ray): admin views need the token (or loopback without one), a
+    body past the cap is refused before it is read whole, the log keeps no credentials."""
+    from fastapi import FastAPI, Request
+    from fastapi.testclient import TestClient
+
+    from server.scaleout import SECRET_HEADERS, _admin_denied, _capped_body
+
+    app = FastAPI()
+    token = {"value": "adm"}
+
+    @app.get("/view")
+    async def view(request: Request):
+        denied = _admin_denied(request, token["value"])
+        return denied if denied is not None else {"ok": True}
+
+    @app.post("/body")
+    async def body(request: Request):
+        got = await _capped_body(request, 10)
+        return {"size": None if got is None else len(got)}
+
+    c = TestClient(app)  # its client host is "testclient": not loopback
+    assert c.get("/view").status_code == 401
+    assert c.get("/view", headers={"authorization": "Bearer nope"}).status_code == 401
+    assert c.get("/view", headers={"authorization": "Bearer adm"}).json() == {"ok": True}
+    token["value"] = ""
+    assert c.get("/view").status_code == 403
+    assert c.post("/body", content=b"x" * 10).json() == {"size": 10}
+    assert c.post("/body", content=b"x" * 11).json() == {"size": None}
+    assert {"authorization", "cookie"} <= set(SECRET_HEADERS)
+
+
+def test_issue15_minor_a_trailing_slash_is_not_redirected_before_auth(make_client):
+    c = make_client(env={"LORAPLEX_SERVER__ADMIN_TOKEN": "adm"})
+    r = c.get("/admin/adapters/", headers={"host": "evil.example"}, follow_redirects=False)
+    assert r.status_code in (401, 404) and "location" not in r.headers

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from server.config import load_config
-from server.engine.loop import TorchEngine
 from server.engine.types import GenerationRequest, SamplingParams
+from tests.engine.conftest import start_engine
 
 TEXT = "the quick brown fox jumps over the lazy dog; hello world, this is a tiny tokenizer for tests " * 2
 
@@ -16,15 +16,8 @@ TEXT = "the quick brown fox jumps over the lazy dog; hello world, this is a tiny
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tiny_store, tmp_path_factory):
     # Chunks of 16 tokens: a prompt of ~50 is prefilled over several steps.
-    cfg = load_config(overrides={"model.model": str(tiny_model_dir), "model.dtype": "float32",
-                                 "engine.max_prefill_chunk": 16})
-    eng = TorchEngine(cfg.model, cfg.engine, cache_dir=tmp_path_factory.mktemp("cache"))
-    eng.start()
-
-    async def setup():
-        await eng.wait_ready()
-        await eng.load_adapter("alpha", tiny_store / "alpha")
-    asyncio.run(setup())
+    eng = start_engine(tiny_model_dir, tiny_store, tmp_path_factory.mktemp("cache"), ("alpha",),
+                       **{"engine.max_prefill_chunk": 16})
     yield eng
     eng.shutdown()
 

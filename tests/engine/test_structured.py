@@ -10,28 +10,12 @@ import torch
 
 from server.config import load_config
 from server.engine.grammar import Grammars, Structured, apply_masks
-from server.engine.loop import TorchEngine
 from server.engine.types import GenerationRequest, SamplingParams
 from server.errors import InvalidRequest
 
 SCHEMA = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"},
                                            "n": {"type": "integer", "minimum": 0, "maximum": 9}},
           "required": ["colour", "ok", "n"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir, tiny_store, tmp_path_factory):
-    cfg = load_config(overrides={"model.model": str(tiny_model_dir), "model.dtype": "float32"})
-    eng = TorchEngine(cfg.model, cfg.engine, cache_dir=tmp_path_factory.mktemp("cache"))
-    eng.start()
-
-    async def setup():
-        await eng.wait_ready()
-        for name in ("alpha", "beta"):
-            await eng.load_adapter(name, tiny_store / name)
-    asyncio.run(setup())
-    yield eng
-    eng.shutdown()
 
 
 def run_all(engine, specs):

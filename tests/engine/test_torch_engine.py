@@ -6,26 +6,9 @@ import time
 import pytest
 import torch
 
-from server.config import load_config
-from server.engine.loop import TorchEngine
 from server.engine.types import GenerationRequest, SamplingParams
 
 PROMPTS = ["hello world", "the quick brown fox", "what is the capital of France?"]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir, tiny_store, tmp_path_factory):
-    cfg = load_config(overrides={"model.model": str(tiny_model_dir), "model.dtype": "float32"})
-    eng = TorchEngine(cfg.model, cfg.engine, cache_dir=tmp_path_factory.mktemp("cache"))
-    eng.start()
-
-    async def setup():
-        await eng.wait_ready()
-        for name in ("alpha", "beta"):
-            await eng.load_adapter(name, tiny_store / name)
-    asyncio.run(setup())
-    yield eng
-    eng.shutdown()
 
 
 @pytest.fixture(scope="module")
