@@ -138,8 +138,14 @@ class Registry:
     # -- names and paths ---------------------------------------------------------
     def resolve_path(self, path: str | Path) -> Path:
         """A path relative to the store, or absolute inside a configured root; never outside (after symlinks)."""
+        if "\x00" in str(path):  # the OS cannot name it; a ValueError deep in pathlib otherwise
+            raise InvalidRequest("adapter path holds a NUL byte", param="path", code="invalid_path")
         p = Path(path)
-        full = (p if p.is_absolute() else self.store.resolve() / p).resolve()
+        try:
+            full = (p if p.is_absolute() else self.store.resolve() / p).resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: a symlink loop
+            raise InvalidRequest(f"adapter path {str(path)!r} cannot be resolved ({e})", param="path",
+                                 code="invalid_path") from None
         if not any(full == r or r in full.parents for r in self.roots):
             raise InvalidRequest(f"adapter path {str(path)!r} resolves outside the adapter roots "
                                  f"({', '.join(map(str, self.roots))})", param="path", code="path_outside_roots")
@@ -149,9 +155,13 @@ class Registry:
         """`resolve_path`, and every file in the folder too: a weights file that is a symlink
         out of the roots is refused like a folder that is."""
         folder = self.resolve_path(path)
-        if folder.is_dir():
-            for f in folder.iterdir():
-                self.resolve_path(f)
+        try:
+            if folder.is_dir():
+                for f in folder.iterdir():
+                    self.resolve_path(f)
+        except OSError as e:  # a name too long for the file system, a folder it may not read
+            raise InvalidRequest(f"adapter path cannot be read ({e.strerror or type(e).__name__})", param="path",
+                                 code="invalid_path") from None
         return folder
 
     def _visible(self, name: str) -> Entry | None:

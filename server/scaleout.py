@@ -145,6 +145,12 @@ class ReplicaServer:
         from .config import load_config
 
         cfg = load_config(config_path, environ={**os.environ, **env})
+        ctx = serve.get_replica_context()
+        self.id = str(getattr(ctx, "replica_tag", None) or ctx.replica_id.unique_id)
+        # Announced before the app reads the store's state file: the directory keeps every
+        # operation from here on until this replica has applied it (see Directory).
+        await directory.report.remote(self.id, {"applied": 0, "held": [], "loads": {}, "hits": {}, "registered": [],
+                                                "base": "", "metrics": "", "at": time.time()})
         self.app = create_app(cfg)
         self.state = self.app.state.loraplex
         self.directory = directory
@@ -155,8 +161,6 @@ class ReplicaServer:
             if self.state.load_error or time.monotonic() > deadline:
                 raise RuntimeError(self.state.load_error or "the replica's model did not load in time")
             await asyncio.sleep(0.1)
-        ctx = serve.get_replica_context()
-        self.id = str(getattr(ctx, "replica_tag", None) or ctx.replica_id.unique_id)
         self.applied = 0
         self.held: set[str] = set()                # adapters in Ray's multiplex cache here
         self.loads: dict[str, int] = {}
@@ -266,25 +270,38 @@ class _Held:
 
 
 class Directory:
-    """The cluster's admin log and the replicas' reports (one instance)."""
+    """The cluster's admin log and the replicas' reports (one instance).
+
+    The log stays bounded: an operation every live replica has applied is dropped, since each
+    replica applied it to the shared store's state file, which a replica that starts later reads
+    first. A replica silent for REPORT_STALE_S is not waited for (it replays what is left, or
+    restarts from the state file)."""
+
+    REPORT_STALE_S = 60.0
 
     def __init__(self):
         self.ops: list[dict] = []
+        self.last_seq = 0
         self.replicas: dict[str, dict] = {}
 
     def append(self, op: dict) -> int:
-        op = {**op, "seq": len(self.ops) + 1}
-        self.ops.append(op)
-        return op["seq"]
+        self.last_seq += 1
+        self.ops.append({**op, "seq": self.last_seq})
+        return self.last_seq
 
     def since(self, seq: int) -> list[dict]:
-        return self.ops[seq:]
+        return [op for op in self.ops if op["seq"] > seq]
 
     def report(self, replica: str, status: dict) -> None:
         self.replicas[replica] = status
+        now = time.time()
+        live = [r["applied"] for r in self.replicas.values() if now - r.get("at", now) < self.REPORT_STALE_S]
+        if live:
+            floor = min(live)
+            self.ops = [op for op in self.ops if op["seq"] > floor]
 
     def view(self) -> dict:
-        return {"version": len(self.ops), "replicas": self.replicas}
+        return {"version": self.last_seq, "log_length": len(self.ops), "replicas": self.replicas}
 
     def known(self) -> list[str]:
         names: set[str] = set()

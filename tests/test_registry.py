@@ -561,3 +561,12 @@ def test_issue15_a_failed_load_or_copy_changes_nothing(store, op, failure):
             before, after = strip(before), strip(after)
         assert after == before
     run(main())
+
+
+@pytest.mark.parametrize("path", ["\x00", "alpha\x00/x", "a" * 5000])
+def test_unresolvable_paths_are_400s_not_500s(store, path):
+    """Found by the fuzzer (POST /v1/load_lora_adapter with lora_path "\\x00" answered 500)."""
+    reg, _ = make(store)
+    with pytest.raises(InvalidRequest) as e:
+        run(reg.register("x", path))
+    assert e.value.param == "path"

@@ -177,3 +177,27 @@ def test_issue15_minor_a_trailing_slash_is_not_redirected_before_auth(make_clien
     c = make_client(env={"LORAPLEX_SERVER__ADMIN_TOKEN": "adm"})
     r = c.get("/admin/adapters/", headers={"host": "evil.example"}, follow_redirects=False)
     assert r.status_code in (401, 404) and "location" not in r.headers
+
+
+def test_issue15_finding16_the_directory_log_stays_bounded_and_holds_no_credentials():
+    import time as t
+
+    from server.scaleout import Directory
+
+    d = Directory()
+    for r in ("r1", "r2"):  # replicas announce themselves before they read the store's state file
+        d.report(r, {"applied": 0, "registered": [], "at": t.time()})
+    for i in range(5):
+        d.append({"method": "POST", "path": "/admin/adapters", "headers": [("content-type", "application/json")],
+                  "body": "{}", "origin": "r1"})
+    assert [op["seq"] for op in d.since(0)] == [1, 2, 3, 4, 5]
+    d.report("r1", {"applied": 5, "registered": [], "at": t.time()})
+    d.report("r2", {"applied": 3, "registered": [], "at": t.time()})
+    assert [op["seq"] for op in d.since(0)] == [4, 5]        # what every live replica applied is dropped
+    d.report("r2", {"applied": 5, "registered": [], "at": t.time()})
+    assert d.since(0) == [] and d.view()["version"] == 5 and d.append({"path": "/x"}) == 6
+    d.report("dead", {"applied": 0, "registered": [], "at": t.time() - 3600})  # a silent replica is not waited for
+    d.report("r1", {"applied": 6, "registered": [], "at": t.time()})
+    d.report("r2", {"applied": 6, "registered": [], "at": t.time()})
+    assert d.since(0) == []
+    assert all("authorization" not in dict(op.get("headers", [])) for op in d.ops)
