@@ -9,7 +9,7 @@ client's request types and vLLM's extensions — with its treatment:
 - ignored: a field with no effect on the tokens returned (billing, storage, routing hints,
   reasoning settings of a model without reasoning); logged, never refused.
 A field in none of them is not one this server knows; it is ignored with a log line, as the
-contract says (docs/api.md). `check` applies the table before a request is converted.
+contract says (README, "Request fields"). `check` applies the table before a request is converted.
 
 It knows field names and values only, nothing of tokenizers or engines.
 """
