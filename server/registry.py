@@ -1,6 +1,6 @@
 """Adapter lifecycle: names, leases, LRU memory, pins, blends, persistence.
 
-Owns: which adapters and blends exist (`Entry`), which of them are in the
+Owns: which adapters and blends exist (`Entry`, in entries.py), which of them are in the
 engine's memory, and the rules around that:
 - a request `acquire`s a lease on its adapter and releases it when done; an
   adapter with leases out is never evicted or freed;
@@ -19,7 +19,8 @@ step (SGLang's lora_registry makes acquire atomic the same way). `_lock`
 serialises the operations that await the engine (load, evict, unload, blend),
 so two of them never interleave their decisions about memory.
 
-It knows the engine only through its protocol, and nothing of HTTP.
+Where files may come from is roots.py's. It knows the engine only through its protocol,
+and nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -27,82 +28,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .engine.protocol import Engine
+from .entries import NAME_RE, Entry, Lease, Observer, check_name
 from .errors import Conflict, InvalidAdapter, InvalidRequest, NotFound, NotReady, Overloaded, StorageError
 from .lora.blend import BlendSpec, check_spec
 from .lora.weights import AdapterInfo, content_hash, describe_adapter
+from .roots import Roots
 from .state import Record, State, StateFile
 
 log = logging.getLogger("loraplex.registry")
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-@dataclass(eq=False)
-class Entry:
-    name: str
-    kind: str                       # "adapter" | "blend"
-    path: Path | None               # weights on disk; None for a mix
-    info: AdapterInfo
-    pinned: bool = False
-    loaded: bool = False            # in the engine's memory now
-    loaded_at: float | None = None
-    last_used_at: float | None = None
-    requests_total: int = 0
-    inflight: int = 0
-    draining: bool = False          # being unregistered: hidden, waiting for leases
-    recipe: BlendSpec | None = None
-    created: int = field(default_factory=lambda: int(time.time()))  # registration time, kept across restarts
-    use_seq: int = 0                # LRU order: a counter, not a clock, so that ties cannot happen
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-    error: str | None = None        # why its last reload failed (its files changed or broke on disk)
-    # The name the engine knows it by: the name itself, or "name~N" for the N-th replacement,
-    # so the new version is loaded beside the old and the two never share a slot name.
-    engine_key: str = ""
-
-    def __post_init__(self):
-        self.idle.set()
-        self.engine_key = self.engine_key or self.name
-
-
-@dataclass
-class Lease:
-    """What a request holds while it runs; `adapter` is the engine name (None = base). A
-    per-request mix holds its sources and names them with their weights in `mix` (the engine
-    adds each source's delta times its weight to the row: no blend is built, no slot taken)."""
-
-    adapter: str | None
-    entries: list[Entry] = field(default_factory=list)
-    released: bool = False
-    mix: tuple[tuple[str, float], ...] = ()   # (engine name, weight) per source
-    name: str | None = None                    # the adapter's public name (metrics, logs)
-
-
-class Observer:
-    """What the registry reports (the app's metrics implement it); the default ignores it all."""
-
-    def adapter_loaded(self, result: str, seconds: float | None = None) -> None: ...
-
-    def adapter_evicted(self) -> None: ...
-
-    def blend_created(self) -> None: ...
-
-    def adapter_forgotten(self, name: str) -> None: ...
-
-
-def check_name(name: object, param: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise InvalidRequest(
-            f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
-            param=param, code="invalid_name")
-    return name
-
 
 class Registry:
     def __init__(self, engine: Engine, store: Path, *, capacity: int = 16, roots: list[Path] | None = None,
@@ -111,7 +49,7 @@ class Registry:
         self.observer = observer or Observer()
         self.store = Path(store)
         self.capacity = capacity
-        self.roots = [self.store.resolve()] + [Path(r).resolve() for r in roots or []]
+        self._roots = Roots(self.store, roots or [])
         self.state = StateFile(self.store)
         self._entries: dict[str, Entry] = {}
         self._removed: set[str] = set()
@@ -137,32 +75,10 @@ class Registry:
 
     # -- names and paths ---------------------------------------------------------
     def resolve_path(self, path: str | Path) -> Path:
-        """A path relative to the store, or absolute inside a configured root; never outside (after symlinks)."""
-        if "\x00" in str(path):  # the OS cannot name it; a ValueError deep in pathlib otherwise
-            raise InvalidRequest("adapter path holds a NUL byte", param="path", code="invalid_path")
-        p = Path(path)
-        try:
-            full = (p if p.is_absolute() else self.store.resolve() / p).resolve()
-        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: a symlink loop
-            raise InvalidRequest(f"adapter path {str(path)!r} cannot be resolved ({e})", param="path",
-                                 code="invalid_path") from None
-        if not any(full == r or r in full.parents for r in self.roots):
-            raise InvalidRequest(f"adapter path {str(path)!r} resolves outside the adapter roots "
-                                 f"({', '.join(map(str, self.roots))})", param="path", code="path_outside_roots")
-        return full
+        return self._roots.resolve_path(path)
 
     def resolve_folder(self, path: str | Path) -> Path:
-        """`resolve_path`, and every file in the folder too: a weights file that is a symlink
-        out of the roots is refused like a folder that is."""
-        folder = self.resolve_path(path)
-        try:
-            if folder.is_dir():
-                for f in folder.iterdir():
-                    self.resolve_path(f)
-        except OSError as e:  # a name too long for the file system, a folder it may not read
-            raise InvalidRequest(f"adapter path cannot be read ({e.strerror or type(e).__name__})", param="path",
-                                 code="invalid_path") from None
-        return folder
+        return self._roots.resolve_folder(path)
 
     def _visible(self, name: str) -> Entry | None:
         e = self._entries.get(name)

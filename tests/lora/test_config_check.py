@@ -12,7 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from server.errors import InvalidAdapter
 from server.lora.config_check import check_raw_config
+from server.lora.slots import prepare
 from server.lora.weights import describe_adapter, read_adapter
+from tests.helpers import tiny_llama
+from tests.lora.test_slots import wrapped
 
 
 def hostile(tiny_store, tmp_path, name, config=None, tensors=None, raw_text=None):
@@ -63,14 +66,9 @@ HOSTILE = {
 def test_issue15_findings_1_2_3_hostile_configs_are_refused_naming_the_field(tiny_store, tmp_path, name):
     config, tensors, needle = HOSTILE[name]
     folder = hostile(tiny_store, tmp_path, name, config, tensors)
+    pool, modules = wrapped(tiny_llama(400))
     with pytest.raises(InvalidAdapter) as e:
-        from server.lora.pool import LoraPool
-        from server.lora.slots import prepare
-        from tests.lora.test_slots import wrapped
-        from tests.helpers import tiny_llama
-
         files = read_adapter(folder, max_rank=64)
-        pool, modules = wrapped(tiny_llama(400))
         prepare(name, files, pool, modules)  # the numeric checks happen in the served dtype
     assert needle in e.value.message, e.value.message
     assert e.value.code in ("unsupported_adapter", "rank_too_high", "invalid_weights", "non_finite_weights",

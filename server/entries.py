@@ -1,0 +1,81 @@
+"""What the registry holds about each adapter, and what a request holds while it runs.
+
+Owns: `Entry` (one registered adapter or blend: its files, its version's engine name, its
+residency and use), `Lease` (the entries a request holds and the engine names it uses),
+`Observer` (what the registry reports to the metrics) and the adapter-name rule (`check_name`).
+Plain data: the rules that change them are the registry's (`registry.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InvalidRequest
+from .lora.blend import BlendSpec
+from .lora.weights import AdapterInfo
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(eq=False)
+class Entry:
+    name: str
+    kind: str                       # "adapter" | "blend"
+    path: Path | None               # weights on disk; None for a mix
+    info: AdapterInfo
+    pinned: bool = False
+    loaded: bool = False            # in the engine's memory now
+    loaded_at: float | None = None
+    last_used_at: float | None = None
+    requests_total: int = 0
+    inflight: int = 0
+    draining: bool = False          # being unregistered: hidden, waiting for leases
+    recipe: BlendSpec | None = None
+    created: int = field(default_factory=lambda: int(time.time()))  # registration time, kept across restarts
+    use_seq: int = 0                # LRU order: a counter, not a clock, so that ties cannot happen
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    error: str | None = None        # why its last reload failed (its files changed or broke on disk)
+    # The name the engine knows it by: the name itself, or "name~N" for the N-th replacement,
+    # so the new version is loaded beside the old and the two never share a slot name.
+    engine_key: str = ""
+
+    def __post_init__(self):
+        self.idle.set()
+        self.engine_key = self.engine_key or self.name
+
+
+@dataclass
+class Lease:
+    """What a request holds while it runs; `adapter` is the engine name (None = base). A
+    per-request mix holds its sources and names them with their weights in `mix` (the engine
+    adds each source's delta times its weight to the row: no blend is built, no slot taken)."""
+
+    adapter: str | None
+    entries: list[Entry] = field(default_factory=list)
+    released: bool = False
+    mix: tuple[tuple[str, float], ...] = ()   # (engine name, weight) per source
+    name: str | None = None                    # the adapter's public name (metrics, logs)
+
+
+class Observer:
+    """What the registry reports (the app's metrics implement it); the default ignores it all."""
+
+    def adapter_loaded(self, result: str, seconds: float | None = None) -> None: ...
+
+    def adapter_evicted(self) -> None: ...
+
+    def blend_created(self) -> None: ...
+
+    def adapter_forgotten(self, name: str) -> None: ...
+
+
+def check_name(name: object, param: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidRequest(
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            param=param, code="invalid_name")
+    return name
