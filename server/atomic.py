@@ -29,7 +29,11 @@ def publish(staging: Path, target: Path, *, replace: bool, aside_dir: Path | Non
             raise FileExistsError(f"{target} exists")
         aside = staging_path(aside_dir or target.parent, f"old-{target.name}")
         os.replace(target, aside)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            os.replace(aside, target)  # the old folder back where it was: all or nothing
+            raise
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(staging, target)

@@ -337,18 +337,18 @@ def build_app(args: dict) -> Any:
 
             self.replica, self.directory = replica, directory
             self.cfg = load_config(config_path, environ={**os.environ, **env})
-            self.admin_token = self.cfg.admin_token()
+            self.admin_token, self.api_keys = self.cfg.admin_token(), self.cfg.api_keys()
             self.seq = 0   # the directory's last write this router made: replicas behind it replay first
 
         @router_app.get("/cluster")
         async def cluster(self, request: Request):
-            if (denied := _admin_denied(request, self.admin_token)) is not None:
+            if (denied := _admin_denied(request, self.admin_token, self.api_keys)) is not None:
                 return denied
             return await self.directory.view.remote()
 
         @router_app.get("/metrics/targets")
         async def targets(self, request: Request):
-            if (denied := _admin_denied(request, self.admin_token)) is not None:
+            if (denied := _admin_denied(request, self.admin_token, self.api_keys)) is not None:
                 return denied
             view = await self.directory.view.remote()
             return [{"targets": [r["metrics"]], "labels": {"replica": rid}} for rid, r in view["replicas"].items()
@@ -358,6 +358,9 @@ def build_app(args: dict) -> Any:
         async def forward(self, path: str, request: Request):
             path = "/" + path
             if path.startswith(JOB_PREFIXES):
+                # Credentials first, as the app would: the refusal says nothing to a caller who may not ask.
+                if (denied := _admin_denied(request, self.admin_token, self.api_keys)) is not None:
+                    return denied
                 return JSONResponse({"error": {
                     "message": "background jobs are not served through the Ray router (a job lives on one "
                                "replica); run `loraplex train --register --server ROUTER_URL` instead",
@@ -395,24 +398,14 @@ def build_app(args: dict) -> Any:
                             ray_actor_options={"num_cpus": 0}).bind(replica, directory, config_path, env)
 
 
-def _admin_denied(request: Request, token: str) -> Any:
-    """None when the caller may see the cluster's admin views (the admin token, or loopback when no
-    token is configured, as for /admin), else the 401/403 to answer."""
-    import hmac
+def _admin_denied(request: Request, token: str, api_keys: list[str]) -> Any:
+    """None when the caller may see the cluster's admin views, else the error response: the very
+    rule and answer of the app's admin routes (`admin_refusal`), so the router is no weaker."""
+    from .api.deps import admin_refusal, bearer
+    from .api.errors import error_response
 
-    from fastapi.responses import JSONResponse
-
-    got = request.headers.get("authorization", "")
-    if token:
-        if got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), token.encode()):
-            return None
-        status, msg = 401, "the admin token is required: Authorization: Bearer ADMIN_TOKEN"
-    elif request.client is not None and request.client.host in ("127.0.0.1", "::1", "localhost"):
-        return None
-    else:
-        status, msg = 403, "with no admin token configured, the cluster views answer loopback clients only"
-    return JSONResponse({"error": {"message": msg, "type": "authentication_error" if status == 401 else
-                                   "permission_error", "param": None, "code": None}}, status_code=status)
+    refused = admin_refusal(bearer(request), token, api_keys, request.client.host if request.client else "")
+    return None if refused is None else error_response(refused)
 
 
 async def _capped_body(request: Request, cap: int) -> bytes | None:

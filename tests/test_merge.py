@@ -69,3 +69,54 @@ def test_existing_folder_needs_replace(tiny_model_dir, tiny_store, tmp_path):
     fuse(tiny_store / "beta", tmp_path / "e", ModelConfig(model=str(tiny_model_dir)), cache_dir=tmp_path,
          replace=True)
     assert json.loads((tmp_path / "e" / CARD_FILE).read_text())["rank"] == 2
+
+
+STEPS = ["weights", "tokenizer", "reload", "card", "rename"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_issue15_an_export_that_fails_at_any_step_leaves_the_old_export(step, tiny_model_dir, tiny_store, tmp_path,
+                                                                         monkeypatch):
+    """All or nothing: a replacing export made to fail at each step in turn (the weights write,
+    the tokenizer write, the verifying reload, the card write, the rename into place) raises and
+    leaves the previous export byte for byte, with no staging or aside folder behind."""
+    import transformers
+
+    import server.atomic
+
+    cfg = ModelConfig(model=str(tiny_model_dir))
+    out = tmp_path / "exports" / "e"
+    fuse(tiny_store / "beta", out, cfg, cache_dir=tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def boom(*_a, **_k):
+        raise OSError(f"injected failure at {step}")
+
+    if step == "weights":
+        monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", boom)
+    elif step == "tokenizer":
+        monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", boom)
+    elif step == "reload":
+        real = transformers.AutoModelForCausalLM.from_pretrained
+
+        def reload(path, *a, **k):
+            return boom() if ".staging-" in str(path) else real(path, *a, **k)
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", reload)
+    elif step == "card":
+        real_write = type(out).write_text
+
+        def write_text(self, *a, **k):
+            return boom() if self.name == CARD_FILE else real_write(self, *a, **k)
+        monkeypatch.setattr(type(out), "write_text", write_text)
+    else:
+        real_replace = os.replace
+
+        def replace(src, dst):
+            return boom() if ".staging-e-" in str(src) else real_replace(src, dst)
+        monkeypatch.setattr(server.atomic.os, "replace", replace)
+
+    with pytest.raises(OSError, match="injected"):
+        fuse(tiny_store / "alpha", out, cfg, cache_dir=tmp_path, replace=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["e"]

@@ -570,3 +570,21 @@ def test_unresolvable_paths_are_400s_not_500s(store, path):
     with pytest.raises(InvalidRequest) as e:
         run(reg.register("x", path))
     assert e.value.param == "path"
+
+
+def test_redteam_the_base_models_id_is_not_an_adapter_name(store):
+    """Registered under the base's id, an adapter was listed twice in /v1/models and unreachable
+    (requests naming the id get the base). A register, a blend and a store folder are refused."""
+    shutil.copytree(store / "alpha", store / "base-x")
+    reg, eng = make(store)
+
+    async def main():
+        await reg.start()
+        assert "base-x" not in {e.name for e in reg.entries()} and "base model's id" in reg.failed["base-x"][1]
+        for call in (reg.register("base-x", "alpha"),
+                     reg.create_blend("base-x", BlendSpec((("alpha", 1.0),), "cat"))):
+            with pytest.raises(Conflict) as e:
+                await call
+            assert e.value.code == "name_is_base"
+        assert (await reg.acquire("base-x")).adapter is None
+    run(main())

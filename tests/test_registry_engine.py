@@ -22,8 +22,10 @@ N = 10
 def template(tiny_model_dir, tiny_store, tmp_path_factory):
     store = tmp_path_factory.mktemp("regeng") / "store"
     shutil.copytree(tiny_store, store)
-    save_adapter(tiny_model_dir, store / "gamma", seed=5, r=4, targets=("q_proj", "v_proj"))
-    save_adapter(tiny_model_dir, store / "delta", seed=6, r=4, targets=("q_proj", "v_proj", "gate_proj"))
+    # gamma and delta say CAUSAL_LM, as the trainer's adapters do (a blend of them was a 500 once).
+    save_adapter(tiny_model_dir, store / "gamma", seed=5, r=4, targets=("q_proj", "v_proj"), task_type="CAUSAL_LM")
+    save_adapter(tiny_model_dir, store / "delta", seed=6, r=4, targets=("q_proj", "v_proj", "gate_proj"),
+                 task_type="CAUSAL_LM")
     save_adapter(tiny_model_dir, store / "rs", seed=7, r=4, targets=("q_proj", "o_proj"), use_rslora=True)
     return store
 

@@ -49,8 +49,26 @@ def test_asgi_call_streams_an_app_response(make_client):
     assert plain["status"] == 200 and "alpha" in plain["body"].decode()
 
 
+ADMIN, KEY = "adm-secret", "key-secret"
+
+
+def reachable_address() -> str | None:
+    """This host's address on its default route (not loopback), to be a non-loopback client."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # UDP connect sends nothing; it only picks the route
+            addr = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if addr.startswith("127.") else addr
+
+
 @pytest.fixture(scope="module")
-def cluster(tiny_model_dir, tiny_store, tmp_path_factory):
+def ray_apps(tiny_model_dir, tiny_store, tmp_path_factory):
+    """Two loraplex apps on one local Ray Serve: "open" (no credentials configured: admin answers
+    loopback only) at /, and "secured" (an API key, an admin token, admin-only /metrics) at /secured."""
     import ray
     from ray import serve
 
@@ -64,15 +82,25 @@ def cluster(tiny_model_dir, tiny_store, tmp_path_factory):
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "0.0.0.0", "port": port})
         env = {"LORAPLEX_MODEL__MODEL": str(tiny_model_dir), "LORAPLEX_ADAPTERS__DIR": str(store),
                "LORAPLEX_MODEL__CACHE_DIR": str(tmp / "cache"), "LORAPLEX_MODEL__DTYPE": "float32"}
+        secured = {**env, "LORAPLEX_SERVER__API_KEYS": KEY, "LORAPLEX_SERVER__ADMIN_TOKEN": ADMIN,
+                   "LORAPLEX_SERVER__METRICS_ACCESS": "admin"}
+        secured["LORAPLEX_ADAPTERS__DIR"] = str(shutil.copytree(store, tmp / "store-secured"))  # its own state
         serve.run(build_app({"replicas": 2, "max_adapters_per_replica": 3, "cpus_per_replica": 0, "env": env}),
                   name="loraplex", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        serve.run(build_app({"replicas": 2, "max_adapters_per_replica": 3, "cpus_per_replica": 0,
+                             "env": secured}), name="secured", route_prefix="/secured")
+        yield {"port": port, "open": f"http://127.0.0.1:{port}", "secured": f"http://127.0.0.1:{port}/secured"}
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_apps):
+    return ray_apps["open"]
 
 
 def wait_for(check, timeout=30.0):
@@ -154,7 +182,7 @@ def test_issue15_finding16_the_router_guards_its_views_and_caps_bodies():
 
     @app.get("/view")
     async def view(request: Request):
-        denied = _admin_denied(request, token["value"])
+        denied = _admin_denied(request, token["value"], ["key"])
         return denied if denied is not None else {"ok": True}
 
     @app.post("/body")
@@ -166,6 +194,8 @@ def test_issue15_finding16_the_router_guards_its_views_and_caps_bodies():
     assert c.get("/view").status_code == 401
     assert c.get("/view", headers={"authorization": "Bearer nope"}).status_code == 401
     assert c.get("/view", headers={"authorization": "Bearer adm"}).json() == {"ok": True}
+    r = c.get("/view", headers={"authorization": "Bearer key"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_only"
     token["value"] = ""
     assert c.get("/view").status_code == 403
     assert c.post("/body", content=b"x" * 10).json() == {"size": 10}
@@ -201,3 +231,84 @@ def test_issue15_finding16_the_directory_log_stays_bounded_and_holds_no_credenti
     d.report("r2", {"applied": 6, "registered": [], "at": t.time()})
     assert d.since(0) == []
     assert all("authorization" not in dict(op.get("headers", [])) for op in d.ops)
+
+
+CREDS = {"none": {}, "wrong": {"authorization": "Bearer nope"}, "key": {"authorization": f"Bearer {KEY}"},
+         "admin": {"authorization": f"Bearer {ADMIN}"}, "admin-lowercase": {"authorization": f"bearer {ADMIN}"}}
+# (method, path, body, class): what each route needs.
+ROUTES = [
+    ("GET", "/health", None, "public"),
+    ("GET", "/v1/models", None, "inference"),
+    ("POST", "/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 1}, "inference"),
+    ("POST", "/tokenize", {"model": "alpha", "prompt": "hi"}, "inference"),
+    ("GET", "/metrics", None, "metrics"),
+    ("GET", "/admin/adapters", None, "admin"),
+    ("POST", "/admin/adapters", {"name": "zz", "path": "no-such-folder"}, "admin"),
+    ("DELETE", "/admin/adapters/no-such", None, "admin"),
+    ("POST", "/v1/load_lora_adapter", {"lora_name": "zz", "lora_path": "no-such-folder"}, "admin"),
+    ("POST", "/admin/train", {"name": "x", "data": "d.jsonl"}, "admin"),
+]
+ROUTER_VIEWS = [("GET", "/cluster"), ("GET", "/metrics/targets")]
+
+
+def expected(cls: str, cred: str) -> set[int]:
+    allowed = {"public": set(CREDS), "inference": {"key"}, "metrics": {"admin", "admin-lowercase"},
+               "admin": {"admin", "admin-lowercase"}}[cls]
+    if cred in allowed:
+        return set(range(200, 500)) - {401, 403}
+    return {403} if (cls == "admin" and cred == "key") else {401}
+
+
+@pytest.mark.e2e
+def test_issue15_finding16_the_router_enforces_what_the_server_does(ray_apps, make_client):
+    """The auth matrix through the Ray router (an API key, an admin token, admin-only /metrics):
+    every route and credential answers as the table says and as a single server with the same
+    configuration does, the router's own views and job refusals included; admin writes made with
+    the token are replayed on the other replica (with its own token: the log holds none)."""
+    base = ray_apps["secured"]
+    single = make_client(env={"LORAPLEX_SERVER__API_KEYS": KEY, "LORAPLEX_SERVER__ADMIN_TOKEN": ADMIN,
+                              "LORAPLEX_SERVER__METRICS_ACCESS": "admin"})
+    seen = []
+    for method, path, body, cls in ROUTES:
+        for cred, headers in CREDS.items():
+            r = httpx.request(method, base + path, json=body, headers=headers, timeout=60)
+            assert r.status_code in expected(cls, cred), (method, path, cred, r.status_code, r.text)
+            if path != "/admin/train":  # jobs run on a single server, and are refused by the router
+                s = single.request(method, path, json=body, headers=headers)
+                assert s.status_code == r.status_code, (method, path, cred, s.status_code, r.status_code)
+                if r.status_code in (401, 403):
+                    assert r.json()["error"]["code"] == s.json()["error"]["code"]
+            seen.append((path, cred, r.status_code))
+    for method, path in ROUTER_VIEWS:
+        for cred, headers in CREDS.items():
+            r = httpx.request(method, base + path, headers=headers, timeout=60)
+            assert r.status_code in expected("admin", cred), (path, cred, r.status_code, r.text)
+    r = httpx.post(base + "/admin/train", json={"name": "x", "data": "d.jsonl"}, headers=CREDS["admin"])
+    assert r.json()["error"]["code"] == "not_supported_in_cluster"
+    # With admin-only metrics, replicas start no unauthenticated metrics server.
+    assert httpx.get(base + "/metrics/targets", headers=CREDS["admin"]).json() == []
+
+    r = httpx.post(base + "/admin/adapters", json={"name": "alpha2", "path": "alpha"}, headers=CREDS["admin"])
+    assert r.status_code == 201, r.text
+    view = lambda: httpx.get(base + "/cluster", headers=CREDS["admin"]).json()  # noqa: E731
+    wait_for(lambda: len(view()["replicas"]) == 2 and all("alpha2" in rep["registered"]
+                                                          for rep in view()["replicas"].values()))
+    print(f"\n{len(seen)} route x credential answers through the router; " +
+          ", ".join(f"{p} {c} {s}" for p, c, s in seen[:6]) + " ...")
+
+
+@pytest.mark.e2e
+def test_issue15_finding16_no_token_means_loopback_only_through_the_router(ray_apps):
+    """With no admin token configured, admin routes and the router's views answer loopback
+    clients only: the router passes the real client address on, never its own."""
+    addr = reachable_address()
+    if addr is None:
+        pytest.skip("this host has no non-loopback address to connect from")
+    remote = f"http://{addr}:{ray_apps['port']}"
+    for path in ("/admin/adapters", "/cluster", "/metrics/targets"):
+        r = httpx.get(remote + path, timeout=60)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_loopback_only", (path, r.text)
+        assert httpx.get(ray_apps["open"] + path, timeout=60).status_code == 200
+    r = httpx.post(remote + "/admin/adapters", json={"name": "sneaky", "path": "alpha"}, timeout=60)
+    assert r.status_code == 403
+    assert httpx.get(remote + "/v1/models", timeout=60).status_code == 200   # inference needs no key here

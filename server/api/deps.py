@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..config import Config
 from ..engine.protocol import Engine
 from ..jobs import JobManager
-from ..errors import Forbidden, NotReady, Unauthorized
+from ..errors import Forbidden, LoraplexError, NotReady, Unauthorized
 from ..metrics import Metrics
 from ..registry import Registry
 from .errors import body as error_body
@@ -115,23 +115,29 @@ def require_metrics(request: Request) -> None:
                            code="invalid_api_key")
 
 
+def admin_refusal(token: str | None, admin_token: str, api_keys: list[str], client_host: str) -> LoraplexError | None:
+    """None when these credentials may use admin routes, else the error to answer: the admin token,
+    or (with none configured) a loopback client. Shared with the Ray router's own admin views."""
+    if admin_token:
+        if token is not None and _matches(token, [admin_token]):
+            return None
+        if token is not None and api_keys and _matches(token, api_keys):
+            return Forbidden("an inference API key cannot use admin routes", code="admin_only")
+        return Unauthorized("the admin token is required: Authorization: Bearer ADMIN_TOKEN",
+                            code="invalid_admin_token")
+    if client_host not in LOOPBACK and not client_host.startswith("127."):
+        return Forbidden("no admin token is configured, so admin routes answer loopback clients only",
+                         code="admin_loopback_only")
+    return None
+
+
 def require_admin(request: Request) -> AppState:
-    """Dependency of every admin route: the admin token, or (with none configured) a loopback client."""
+    """Dependency of every admin route: `admin_refusal`, then readiness."""
     state = get_state(request)
-    token = bearer(request)
-    if state.admin_token:
-        if token is not None and _matches(token, [state.admin_token]):
-            pass
-        elif token is not None and state.api_keys and _matches(token, state.api_keys):
-            raise Forbidden("an inference API key cannot use admin routes", code="admin_only")
-        else:
-            raise Unauthorized("the admin token is required: Authorization: Bearer ADMIN_TOKEN",
-                               code="invalid_admin_token")
-    else:
-        host = request.client.host if request.client else ""
-        if host not in LOOPBACK and not host.startswith("127."):
-            raise Forbidden("no admin token is configured, so admin routes answer loopback clients only",
-                            code="admin_loopback_only")
+    refused = admin_refusal(bearer(request), state.admin_token, state.api_keys,
+                            request.client.host if request.client else "")
+    if refused is not None:
+        raise refused
     if not state.ready:
         raise NotReady("the model is loading or the server is shutting down", code="not_ready")
     return state

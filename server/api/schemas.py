@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..lora.blend import MAX_WEIGHT
+
 Float = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -51,7 +53,7 @@ class StreamOptions(_Wire):
 
 class AdapterWeight(_Wire):
     name: str
-    weight: Float
+    weight: Float = Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT)
 
 
 class JsonSchemaFormat(_Wire):
@@ -91,7 +93,7 @@ class SamplingFields(_Wire):
     presence_penalty: Float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: Float = Field(0.0, ge=-2.0, le=2.0)
     # vLLM extensions (sent through `extra_body`)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)  # past the vocabulary = all of it
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     repetition_penalty: Float = Field(1.0, gt=0.0, le=10.0)

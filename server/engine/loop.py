@@ -29,7 +29,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from ..config import EngineConfig, ModelConfig
-from ..errors import InvalidRequest, LoraplexError, NotFound, NotReady, Overloaded, RequestTimeout
+from ..errors import InvalidAdapter, InvalidRequest, LoraplexError, NotFound, NotReady, Overloaded, RequestTimeout
 from ..lora.blend import BlendSpec
 from ..lora.slots import Prepared, prepare
 from ..lora.weights import AdapterInfo, read_adapter
@@ -40,7 +40,7 @@ from .live import Live, Pending, admit, split_step
 from .loading import file_key, pool_blocks, prepare_blend
 from .output import ErrorOut, OutputProcessor, Sink, TokenOut, events
 from .runner import ModelRunner, StepItem
-from .sampling import sample
+from .sampling import NO_TOKEN, sample
 from .scheduler import Budget, Scheduler
 from .sequence import token_finish
 from .tokens import HFPromptTokenizer
@@ -395,9 +395,19 @@ class TorchEngine:
             bad = torch.isnan(logits).any(dim=-1).tolist()
             if any(bad):
                 keep = [i for i, b in enumerate(bad) if not b]
-                self._fail([lv for lv, b in zip(lives, bad) if b],
-                           LoraplexError("engine error: the model produced NaN for this request (its adapter's "
-                                         "weights?)", code="engine_error"))
+                failed = [lv for lv, b in zip(lives, bad) if b]
+                # With an adapter the tenant's weights did it (finite, yet large enough to overflow
+                # in the forward): a 422 naming it. On the bare base it is the server's fault.
+                tenant = [lv for lv in failed if lv.pending.request.adapter or lv.pending.request.mix]
+                if tenant:
+                    self._fail(tenant, InvalidAdapter(
+                        "the adapter's weights make the model produce NaN for this request (finite weights whose "
+                        "products overflow in the forward pass); the adapter needs smaller weights",
+                        code="non_finite_output"))
+                base = [lv for lv in failed if lv not in tenant]
+                if base:
+                    self._fail(base, LoraplexError("engine error: the model produced NaN for this request",
+                                                   code="engine_error"))
                 lives, logits = [lives[i] for i in keep], logits[keep]
         if not lives:
             self._out.put(batch)
@@ -405,9 +415,14 @@ class TorchEngine:
         picks = sample(logits, [lv.sampler for lv in lives], _unnamed)  # the output thread names tokens
         with self._lock:
             aborted = {lv.request_id for lv in lives if lv.request_id in self._aborted}
+        dead = [lv for lv, (tok, _) in zip(lives, picks) if tok == NO_TOKEN and lv.request_id not in aborted]
+        if dead:
+            self._fail(dead, InvalidRequest(
+                "no token is allowed here: the request's structured-output grammar, bad_words or logit_bias "
+                "exclude every token of the vocabulary", code="no_allowed_token"))
         for lv, (tok, lp) in zip(lives, picks):
-            if lv.request_id in aborted:
-                continue  # _reap ends it before the next step
+            if lv.request_id in aborted or tok == NO_TOKEN:
+                continue  # _reap ends an aborted one before the next step
             if lv.sampler.matcher is not None and not lv.sampler.matcher.accept_token(tok):
                 raise RuntimeError(f"{lv.request_id}: the grammar refused token {tok} its own mask allowed")
             lv.kv.tokens.append(tok)

@@ -27,6 +27,9 @@ from .grammar import apply_masks
 from .types import SamplingParams, TokenLogprob
 
 
+NO_TOKEN = -1
+
+
 @dataclass
 class RowState:
     """What the sampler needs to know about one row."""
@@ -104,9 +107,10 @@ def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
-    # Drop a token when the mass before it already reaches top_p; the first always stays.
+    # Drop a token when the mass before it already reaches top_p; the first always stays (also
+    # when top_p rounds to 0 in float32, as 1e-308 does).
     before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(before >= top_p.unsqueeze(1), float("-inf"))
+    sorted_logits = sorted_logits.masked_fill((before >= top_p.unsqueeze(1)) & (ranks > 0), float("-inf"))
     return sorted_logits, sorted_ids
 
 
@@ -115,7 +119,8 @@ def sample(
     rows: list[RowState],
     token_text: Callable[[int], str] = str,
 ) -> list[tuple[int, TokenLogprob | None]]:
-    """logits: (B, V), one row per entry of `rows`. Returns (token id, logprob entry) per row."""
+    """logits: (B, V), one row per entry of `rows`. Returns (token id, logprob entry) per row;
+    the id is NO_TOKEN for a row whose penalties, bans and grammar leave no token to choose."""
     logits = logits.float()
     raw_logprobs = logits.log_softmax(dim=-1) if any(r.params.logprobs is not None for r in rows) else None
     if any(r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty for r in rows):
@@ -135,9 +140,13 @@ def sample(
         apply_masks(logits, [r.matcher for r in rows])
 
     device = logits.device
-    tokens = torch.empty(len(rows), dtype=torch.long, device=device)
-    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    tokens = torch.full((len(rows),), NO_TOKEN, dtype=torch.long, device=device)
+    # A row whose rules leave no token (a grammar that dead-ends, every candidate banned) gets
+    # NO_TOKEN and is failed alone by the caller; argmax would pick token 0 and multinomial would
+    # raise for the whole batch.
+    alive = torch.isfinite(logits).any(dim=-1).tolist()
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy and alive[i]]
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy and alive[i]]
     if greedy:
         gi = torch.tensor(greedy, device=device)
         tokens[gi] = logits[gi].argmax(dim=-1)
@@ -169,7 +178,7 @@ def sample(
     results: list[tuple[int, TokenLogprob | None]] = []
     for i, (r, tok) in enumerate(zip(rows, out_tokens)):
         entry = None
-        if raw_logprobs is not None and r.params.logprobs is not None:
+        if tok != NO_TOKEN and raw_logprobs is not None and r.params.logprobs is not None:
             lp = raw_logprobs[i]
             top: tuple[tuple[int, str, float], ...] = ()
             if r.params.logprobs > 0:

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
@@ -38,7 +41,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # As vLLM (_SAMPLING_EPS): below this, logits / temperature overflows float32 and the
+        # distribution is argmax's to within rounding, so the row is sampled greedily.
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass

@@ -23,6 +23,10 @@ from typing import Any
 from ..errors import InvalidAdapter
 from .weights import CONFIG_FILE, WEIGHTS_FILE
 
+# Largest |weight| in a blend or a per-request mix: weight x scale x B @ A must stay finite in
+# the compute dtype (fp16's largest is 65504), and no useful blend weighs an adapter 1000 times.
+MAX_WEIGHT = 1e3
+
 
 @dataclass(frozen=True)
 class Method:
@@ -74,9 +78,10 @@ def check_spec(spec: BlendSpec, ranks: dict[str, int]) -> None:
     unknown = [n for n in names if n not in ranks]
     if unknown:
         raise InvalidAdapter(f"unknown adapter(s) in the blend: {unknown}", code="unknown_adapter")
-    bad = [(n, w) for n, w in spec.adapters if not math.isfinite(w)]
+    bad = [(n, w) for n, w in spec.adapters if not (math.isfinite(w) and abs(w) <= MAX_WEIGHT)]
     if bad:
-        raise InvalidAdapter(f"blend weights must be finite numbers, got {bad}", code="invalid_blend")
+        raise InvalidAdapter(f"blend weights must be finite numbers in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {bad}",
+                             code="invalid_blend")
     if method.equal_ranks and len(names) > 1 and len({ranks[n] for n in names}) > 1:
         raise InvalidAdapter(
             f"combination_type {spec.combination_type!r} needs adapters of equal rank; got "

@@ -42,6 +42,16 @@ class Prepared:
     files: Any                      # the AdapterFiles (config + tensors) it came from, for blends
 
 
+def _inside(module: str, layers: Any) -> bool:
+    """Whether `module` is a child of a pool layer (its wrapped `.base`)."""
+    head = module
+    while "." in head:
+        head = head.rsplit(".", 1)[0]
+        if head in layers:
+            return True
+    return False
+
+
 def prepare(name: str, files: Any, pool: LoraPool, model_modules: set[str]) -> Prepared:
     """Map an adapter's tensors onto the pool's layers, with PEFT's per-module scaling."""
     from peft.tuners.tuners_utils import check_target_module_exists
@@ -71,6 +81,22 @@ def prepare(name: str, files: Any, pool: LoraPool, model_modules: set[str]) -> P
     if missing:  # PEFT would give such a layer its own initial weights: not what was trained
         raise InvalidAdapter(f"adapter {name!r}: {len(missing)} targeted layers have no weights in the file "
                              f"(first: {missing[0]})", code="invalid_weights")
+    # The converse: weights for a layer the config does not target (layers_to_transform,
+    # exclude_modules, target_modules) are ones PEFT never applies; serving them would differ.
+    untargeted = [p for p in parts if not check_target_module_exists(config, p)]
+    if untargeted:
+        raise InvalidAdapter(f"adapter {name!r}: the file holds weights for {len(untargeted)} layers its config does "
+                             f"not target (first: {untargeted[0]}; see target_modules, layers_to_transform, "
+                             "exclude_modules): PEFT would not apply them", code="invalid_weights")
+    # A target outside the blocks' linear layers (lm_head, embed_tokens, a norm) gets a LoRA layer
+    # from PEFT, initialised or refused by it; none is served here, so it is refused by name.
+    outside = sorted(m for m in model_modules if m and m not in pool.layers and not _inside(m, pool.layers)
+                     and check_target_module_exists(config, m))
+    if outside:
+        raise InvalidAdapter(f"adapter {name!r}: target_modules matches {outside[0]}"
+                             f"{f' (and {len(outside) - 1} more)' if len(outside) > 1 else ''}, which is not a linear "
+                             "layer of the model's blocks (LoRA on the output head, embeddings or norms is not served)",
+                             code="unsupported_adapter")
     weights = {}
     for path, ab in parts.items():
         layer = pool.layers[path]
@@ -199,10 +225,15 @@ class AdapterSlots:
             # The workbench's leaves are the base's own layers: PEFT must build the LoRA layers
             # without an initialisation that reads or writes them (the state dict replaces A and B).
             cfg.init_lora_weights = False
+            # No task wrapper: PeftModelForCausalLM wants the generation hooks of a whole model,
+            # and the workbench is bare layers (a trainer's adapter says CAUSAL_LM). The blend's
+            # own config gets the first source's task type back below.
+            cfg.task_type = None
             if peft is None:
                 peft = get_peft_model(bench, cfg, adapter_name=src)
             else:
                 peft.add_adapter(src, cfg)
             set_peft_model_state_dict(peft, files.tensors, adapter_name=src)
         build(peft, name, spec)
+        peft.peft_config[name].task_type = self.loaded[spec.adapters[0][0]].files.config.task_type
         return peft

@@ -184,3 +184,15 @@ def test_issue15_finding11_the_admin_api_lists_folders_that_failed(make_client, 
     assert [f["name"] for f in body["failed"]] == ["broken"] and "JSON object" in body["failed"][0]["reason"]
     assert "broken" not in [e["name"] for e in body["data"]]
     assert c.get("/ready").status_code == 200  # one bad folder never stops the server
+
+
+@pytest.mark.parametrize("field, value", [("adapters", [{"name": "alpha", "weight": 1e308}]),
+                                          ("adapters", [{"name": "alpha", "weight": -1001}]),
+                                          ("top_k", 2**64)])
+def test_redteam_out_of_range_numbers_are_400_naming_the_field(c, field, value):
+    """Both were 500s: a weight past float32 (or one that makes weight x B @ A overflow) and a top_k
+    past int64."""
+    r = c.post("/v1/completions", headers=USER, json={"model": "fake-model", "prompt": "x", field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith(field), r.text
+    r = c.post("/admin/blends", headers=ADMIN, json={"name": "big", "adapters": [{"name": "alpha", "weight": 1e308}]})
+    assert r.status_code == 422 and "[-1000, 1000]" in r.json()["error"]["message"]

@@ -125,3 +125,25 @@ def test_bad_words_ban_the_last_token_after_the_rest():
     assert sample(logits, [r])[0][0] == 3           # after 3, token 2 is banned too
     r.output_ids = [3, 0]
     assert sample(logits, [r])[0][0] == 2
+
+
+def test_redteam_temperature_below_1e5_is_greedy_and_top_p_that_rounds_to_0_keeps_the_top():
+    """Both were a 500 for the whole batch (logits / 1e-308 overflow; top_p 1e-308 is 0.0 in float32)."""
+    logits = torch.randn(3, 500)
+    out = sample(logits, [row(temperature=1e-308), row(temperature=1.0, top_p=1e-308), row(temperature=9e-6)])
+    assert [t for t, _ in out] == logits.argmax(-1).tolist()
+
+
+def test_redteam_a_row_with_no_allowed_token_gets_no_token_and_the_others_are_sampled():
+    from server.engine.sampling import NO_TOKEN
+
+    logits = torch.randn(4, 50)
+    logits[1] = float("-inf")   # what a dead-ended grammar mask leaves
+    logits[3] = float("-inf")
+    torch.manual_seed(0)
+    rows = [row(temperature=0.0), row(temperature=0.0, logprobs=2), row(temperature=1.0, seed=3), row(temperature=1.0)]
+    out = sample(logits, rows)
+    assert out[1] == (NO_TOKEN, None) and out[3] == (NO_TOKEN, None)
+    assert out[0][0] == int(logits[0].argmax())
+    alone = sample(logits[2:3], [row(temperature=1.0, seed=3)])
+    assert out[2][0] == alone[0][0]

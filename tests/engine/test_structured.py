@@ -2,6 +2,7 @@
 with unconstrained rows and rows of other adapters; the masks equal xgrammar's own acceptance."""
 
 import asyncio
+import dataclasses
 import json
 import re
 
@@ -162,3 +163,27 @@ def test_the_tool_template_renders_tools_and_history(tiny_model_dir):
     assert [json.loads(line) for line in tools_block.splitlines()[1:]] == TOOLS
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}\n</tool_call>' in text
     assert "<tool_response>\nsunny\n</tool_response>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_redteam_a_grammar_that_dead_ends_fails_its_row_alone(engine):
+    """`root ::= root` compiles yet allows no token: that row ends with a 400-class error, the rows
+    beside it (greedy, sampled with a seed, another adapter) get exactly the tokens they get alone."""
+    async def main():
+        dead = GenerationRequest("dead", engine.tokenizer.encode("hi"), SamplingParams(max_tokens=8),
+                                 "alpha", grammar=await engine.compile_structured(Structured("grammar", "root ::= root")))
+
+        async def events(r):
+            try:
+                return [e async for e in engine.submit(r)]
+            except InvalidRequest as e:
+                return e
+        free = [GenerationRequest(f"free-{i}", engine.tokenizer.encode("hello world"),
+                                  SamplingParams(max_tokens=12, ignore_eos=True, **p), a)
+                for i, (a, p) in enumerate([(None, {"temperature": 0.0}), ("beta", {"temperature": 1.0, "seed": 4})])]
+        together = await asyncio.gather(events(dead), *(events(r) for r in free))
+        alone = [await events(dataclasses.replace(r, request_id=r.request_id + "-alone")) for r in free]
+        return together, alone
+    (dead, *together), alone = asyncio.run(main())
+    assert isinstance(dead, InvalidRequest) and dead.code == "no_allowed_token"
+    toks = lambda evs: [t for e in evs for t in e.token_ids]  # noqa: E731
+    assert [toks(e) for e in together] == [toks(e) for e in alone]

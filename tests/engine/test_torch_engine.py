@@ -224,6 +224,9 @@ def test_issue15_finding2_a_poisoned_slot_changes_no_other_row(engine):
         assert clean_mixed == quiet
         poisoned_out = [x for r, x in zip(batch(True), mixed) if r.request_id.startswith("p")]
         assert all(isinstance(x, Exception) for x in poisoned_out), poisoned_out
+        # The tenant's adapter did it: a 422 naming the cause, not a server error.
+        from server.errors import InvalidAdapter
+        assert all(isinstance(x, InvalidAdapter) and x.code == "non_finite_output" for x in poisoned_out)
         assert asyncio.run(collect(batch(False))) == quiet  # and nothing lingers in the KV cache
     finally:
         asyncio.run(engine.unload_adapter("poison"))

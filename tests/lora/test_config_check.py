@@ -59,6 +59,12 @@ HOSTILE = {
     "bool-tensors": (None, lambda k, v: v > 0, "bool"),
     "r-string": ({"r": "8"}, None, "r"),
     "r-bool": ({"r": True}, None, "r"),
+    # red-team pass 2: configs that PEFT reads differently from the file's tensors
+    "layers-to-transform": ({"layers_to_transform": [0]}, None, "does not target"),
+    "exclude-modules": ({"exclude_modules": ["q_proj"]}, None, "does not target"),
+    "target-lm-head": ({"target_modules": ["q_proj", "v_proj", "lm_head"]}, None, "lm_head"),
+    "target-embed": ({"target_modules": ["q_proj", "v_proj", "embed_tokens"]}, None, "embed_tokens"),
+    "target-norm": ({"target_modules": ["q_proj", "v_proj", "norm"]}, None, "norm"),
 }
 
 

@@ -92,3 +92,15 @@ def test_targeted_layer_without_weights_is_refused():
     assert e.value.code == "invalid_weights"
 
 
+
+
+def test_layers_to_transform_with_its_own_layers_only_is_served():
+    """The positive side of the red-team refusals: a file holding exactly the layers its config
+    targets (layers_to_transform=[0]; exclude_modules) maps, and nothing else is touched."""
+    pool, modules = wrapped(tiny_llama(100))
+    only_one = {P + "model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 64),
+                P + "model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(64, 4)}
+    assert set(prepare("a", files(only_one, layers_to_transform=[0]), pool, modules).weights) == \
+        {"model.layers.0.self_attn.q_proj"}
+    excl = files(only_one, target_modules=["q_proj"], exclude_modules=["model.layers.1.self_attn.q_proj"])
+    assert set(prepare("a", excl, pool, modules).weights) == {"model.layers.0.self_attn.q_proj"}
