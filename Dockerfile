@@ -16,8 +16,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# torch first: the PyPI build of 2.13.0 carries its CUDA libraries.
-RUN pip install "torch==2.13.0"
+# torch first, pinned in requirements-torch.txt: the PyPI build carries its CUDA libraries.
+COPY requirements-torch.txt ./
+RUN pip install -r requirements-torch.txt
 
 COPY pyproject.toml README.md config.toml ./
 COPY server ./server

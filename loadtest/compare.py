@@ -36,8 +36,8 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -148,10 +148,10 @@ def prev_worktree(commit: str) -> Path:
 
 
 def peer_server(dtype: str, port: int, all16: list[str], qv8: list[str]):
-    from .peer import start
-
     from server.config import load_config
     from server.model import DEFAULT_MODEL_ID
+
+    from .peer import start
 
     cfg = load_config(ROOT / "config.toml")
     folder = cfg.path(cfg.model.cache_dir) / DEFAULT_MODEL_ID   # converted by our server's first start

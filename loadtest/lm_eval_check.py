@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
         [result_file] = list((tmp_path / "out").rglob("results_*.json"))
         served_acc = json.loads(result_file.read_text())["results"]["loraplex_mc"]["acc,none"]
         [samples_file] = list((tmp_path / "out").rglob("samples_loraplex_mc_*.jsonl"))
-        samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+        samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()),
+                         key=lambda s: s["doc_id"])
         served = [[float(r[0][0]) for r in s["resps"]] for s in samples]
     ref_acc, ref = in_process(args.model)
     diff = max(abs(a - b) for sa, sb in zip(served, ref) for a, b in zip(sa, sb))

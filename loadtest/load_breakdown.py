@@ -40,11 +40,11 @@ def main(argv: list[str] | None = None) -> None:
         return out, 1000 * (time.perf_counter() - t0)
     for i in range(args.count):
         p = ROOT / "adapters" / ".bench" / f"{args.prefix}-{i}"
-        _, th = timed(lambda: content_hash(p))
-        files, tr = timed(lambda: read_adapter(p, max_rank=64))
-        prep, tp = timed(lambda: prepare(p.name, files, runner.pool, runner.slots.model_modules))
-        _, ti = timed(lambda: runner.slots.install(p.name, prep, identity=p.name))
-        _, tu = timed(lambda: runner.slots.remove(p.name))
+        _, th = timed(lambda p=p: content_hash(p))
+        files, tr = timed(lambda p=p: read_adapter(p, max_rank=64))
+        prep, tp = timed(lambda p=p, f=files: prepare(p.name, f, runner.pool, runner.slots.model_modules))
+        _, ti = timed(lambda p=p, x=prep: runner.slots.install(p.name, x, identity=p.name))
+        _, tu = timed(lambda p=p: runner.slots.remove(p.name))
         print(f"{p.name}: hash {th:.0f} ms, read+hash+validate {tr:.0f} ms, prepare {tp:.0f} ms, "
               f"slot copy {ti:.0f} ms, remove {tu:.0f} ms")
 

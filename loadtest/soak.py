@@ -11,9 +11,12 @@ prints counts by status, 5xx (must be zero), throughput and the memory curve.
 
 With --hostile, a tenant attacks meanwhile: it registers hostile adapter folders (initialisations
 that write the base, NaN alpha, a rank past the cap through rank_pattern, int8 weights, a config
-that is a JSON list, weights symlinked out of the store) and tries a replace with a truncated
+that is a JSON list, weights symlinked out of the store, weights for layers the config does not
+target, LoRA on lm_head) and tries a replace with a truncated
 file, every few seconds, and sends hostile requests (lone surrogates, forged chat turns with
-special tokens, schemas that do not compile, logit_bias out of range). Probe requests (greedy,
+special tokens, schemas that do not compile, logit_bias out of range, a grammar that allows no
+token, temperature and top_p of 1e-308, a mix weight of 1e308, a top_k past int64, an adapter
+whose finite weights overflow, an adapter named like the base). Probe requests (greedy,
 one per model) run before the soak on a quiet server and again every few seconds during it:
 every probe answer must equal its quiet one ("probe_mismatches", must be zero).
 """
@@ -104,7 +107,18 @@ HOSTILE_REQUESTS = [
     ("/v1/completions", b'{"model": "terse", "prompt": "x", "guided_regex": "(ab", "max_tokens": 4}'),
     ("/v1/completions", b'{"model": "terse", "prompt": "x", "logit_bias": {"5": 1000}, "max_tokens": 4}'),
     ("/v1/chat/completions", b'{"model": "json-answer", "messages": [{"role": "user", "content": "x"}], '
-                             b'"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}}'),
+                             b'"response_format": {"type": "json_schema", '
+                             b'"json_schema": {"schema": {"type": "nope"}}}}'),
+    # red-team pass 2: each of these was a 500, the first three for every row in its batch
+    ("/v1/completions", b'{"model": "terse", "prompt": "x", "max_tokens": 8, "structured_outputs": '
+                        b'{"grammar": "root ::= root"}}'),
+    ("/v1/completions", b'{"model": "terse", "prompt": "x", "max_tokens": 8, "temperature": 1e-308}'),
+    ("/v1/completions", b'{"model": "pirate", "prompt": "x", "max_tokens": 8, "top_p": 1e-308}'),
+    ("/v1/completions", b'{"model": "smollm2-135m-instruct", "prompt": "x", "max_tokens": 4, '
+                        b'"adapters": [{"name": "terse", "weight": 1e308}]}'),
+    ("/v1/completions", b'{"model": "terse", "prompt": "x", "max_tokens": 4, "top_k": 18446744073709551616}'),
+    ("/v1/completions", b'{"model": "h-bigvals", "prompt": "x", "max_tokens": 4}'),
+    ("/admin/adapters", b'{"name": "smollm2-135m-instruct", "path": "terse"}'),
 ]
 PROBE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -115,7 +129,8 @@ def make_hostile(store: Path, outside: Path) -> list[str]:
     cfg = json.loads((src / "adapter_config.json").read_text())
     variants = {"h-pissa": {**cfg, "init_lora_weights": "pissa"}, "h-olora": {**cfg, "init_lora_weights": "olora"},
                 "h-alpha-nan": None, "h-rank": {**cfg, "rank_pattern": {"q_proj": 4096}},
-                "h-replication": {**cfg, "layer_replication": [[0, 4], [0, 4]]}, "h-list": []}
+                "h-replication": {**cfg, "layer_replication": [[0, 4], [0, 4]]}, "h-list": [],
+                "h-layers": {**cfg, "layers_to_transform": [0]}, "h-lm-head": {**cfg, "target_modules": ["lm_head"]}}
     for name, c in variants.items():
         shutil.copytree(src, store / name)
         text = json.dumps(c) if c is not None else json.dumps(cfg).replace(
@@ -127,6 +142,8 @@ def make_hostile(store: Path, outside: Path) -> list[str]:
     shutil.copytree(src, store / "h-int8")
     t = load_file(src / "adapter_model.safetensors")
     save_file({k: (v * 100).to(torch.int8) for k, v in t.items()}, store / "h-int8" / "adapter_model.safetensors")
+    shutil.copytree(src, store / "h-bigvals")   # finite, and it registers; its forward overflows: 422 per request
+    save_file({k: v * 1e30 for k, v in t.items()}, store / "h-bigvals" / "adapter_model.safetensors")
     shutil.copytree(src, outside)
     (store / "h-symlink").mkdir()
     shutil.copy(src / "adapter_config.json", store / "h-symlink")

@@ -18,19 +18,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from .config import Config
-from .metrics import Metrics
-from .engine.protocol import Engine
-from .jobs import JobManager
-from .registry import Registry
 from .api import errors as api_errors
-from .api.deps import AppState, BodyLimitMiddleware, RequestIdMiddleware
 from .api.admin import router as admin_router
+from .api.deps import AppState, BodyLimitMiddleware, RequestIdMiddleware
 from .api.jobs import router as jobs_router
 from .api.models import router as models_router
 from .api.openai import router as openai_router
-from .api.responses import router as responses_router
 from .api.ops import router as ops_router
+from .api.responses import router as responses_router
+from .config import Config
+from .engine.protocol import Engine
+from .jobs import JobManager
+from .metrics import Metrics
+from .registry import Registry
 
 log = logging.getLogger("loraplex.app")
 

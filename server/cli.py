@@ -123,8 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=pick(args.seed, t.seed), qlora=args.qlora, gradient_checkpointing=args.gradient_checkpointing,
         precision=args.precision, optim=args.optim, save_steps=pick(args.save_steps, t.save_steps),
         resume=args.resume, long_examples=args.long_examples, replace=args.replace)
-    from .registry import check_name
     from .errors import LoraplexError
+    from .registry import check_name
 
     try:
         check_name(opts.name)

@@ -16,13 +16,17 @@ import dataclasses
 import os
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
 ENV_PREFIX = "LORAPLEX_"
+
+# The batched LoRA paths (server/lora/pool.py implements each; a test checks the two agree).
+LORA_BACKENDS = ("auto", "gathered", "segments", "loop")
 
 
 @dataclass
@@ -187,7 +191,7 @@ _CHOICES = {
     ("server", "log_level"): {"debug", "info", "warning", "error"},
     ("server", "log_format"): {"text", "json"},
     ("server", "metrics_access"): {"public", "inference", "admin"},
-    ("engine", "lora_backend"): {"auto", "gathered", "segments", "loop"},
+    ("engine", "lora_backend"): set(LORA_BACKENDS),
     ("engine", "attention_backend"): {"batched", "reference"},
 }
 

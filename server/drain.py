@@ -47,7 +47,9 @@ class DrainingServer(uvicorn.Server):
         self._captured_signals.append(sig)  # uvicorn re-raises it after shutdown (the exit status)
         self.state.draining = True
         # A signal handler may not touch the loop directly; this is the thread-safe door.
-        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
+        loop = self._loop
+        assert loop is not None, "set when the server started"
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
 
     async def _drain(self) -> None:
         engine = self.state.engine

@@ -13,6 +13,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .errors import InvalidRequest
 from .lora.blend import BlendSpec
@@ -61,8 +62,8 @@ class Lease:
     name: str | None = None                    # the adapter's public name (metrics, logs)
 
 
-class Observer:
-    """What the registry reports (the app's metrics implement it); the default ignores it all."""
+class Observer(Protocol):
+    """What the registry reports (the app's `Metrics` implement it)."""
 
     def adapter_loaded(self, result: str, seconds: float | None = None) -> None: ...
 
@@ -73,9 +74,26 @@ class Observer:
     def adapter_forgotten(self, name: str) -> None: ...
 
 
+class NullObserver:
+    """The registry's observer when nobody watches: ignores it all."""
+
+    def adapter_loaded(self, result: str, seconds: float | None = None) -> None:
+        pass
+
+    def adapter_evicted(self) -> None:
+        pass
+
+    def blend_created(self) -> None:
+        pass
+
+    def adapter_forgotten(self, name: str) -> None:
+        pass
+
+
 def check_name(name: object, param: str = "name") -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise InvalidRequest(
-            f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit",
             param=param, code="invalid_name")
     return name

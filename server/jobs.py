@@ -8,8 +8,8 @@ a training saves a checkpoint and stops; an export abandons its staging
 folder), and stopping everything on shutdown.
 
 Why a child process and not a thread: the engine thread owns every torch call
-in the server (facts.md: torch work from a second thread slowed decoding by
-1.5x), a training run must not share the serving model's memory or its
+in the server (docs/engine-threads.md: torch work from a second thread slowed
+decoding by 1.5x), a training run must not share the serving model's memory or its
 failure modes, and a child can be stopped with a signal at a safe point.
 It does not know what the commands do; the API builds their argument lists.
 """
@@ -25,9 +25,10 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from .errors import LoraplexError, NotFound, Overloaded
 
@@ -99,11 +100,11 @@ class JobManager:
         return None
 
     # -- lifecycle ------------------------------------------------------------------
-    def submit(self, kind: str, argv: list[str], params: dict, on_success: OnSuccess | None = None) -> Job:
+    def submit(self, kind: str, argv: Sequence[str], params: dict, on_success: OnSuccess | None = None) -> Job:
         if len(self._queue) >= self.max_queued:
             raise Overloaded(f"{len(self._queue)} jobs are already waiting (train.max_queued_jobs); try later",
                              retry_after=30, code="too_many_jobs")
-        job = Job(uuid.uuid4().hex[:16], kind, argv, params, on_success)
+        job = Job(uuid.uuid4().hex[:16], kind, list(argv), params, on_success)
         self._jobs[job.id] = job
         self._queue.append(job)
         self._forget_old()
@@ -133,7 +134,7 @@ class JobManager:
             job.proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(job.proc.wait(), self.stop_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 job.proc.kill()
         if self._worker is not None:
             self._worker.cancel()

@@ -21,8 +21,9 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -121,7 +122,7 @@ def fuse(adapter: Path, out: Path, model_cfg: ModelConfig, *, cache_dir: Path, t
             "base_quantization": loaded.quantization, "dtype": str(dtype).removeprefix("torch."),
             "probes": len(PROBES), "max_abs_logit_diff": diff, "tolerance": tol,
             "seconds": round(time.time() - started, 1),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         (staging / CARD_FILE).write_text(json.dumps(card, indent=1))
         try:

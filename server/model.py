@@ -7,7 +7,7 @@ the attention implementation. Nothing here touches the network: every load is
 `local_files_only`.
 
 It does not know about adapters, batching or HTTP. Call it on the thread that
-will run the model (torch work on one thread; see facts.md).
+will run the model (torch work on one thread; see docs/engine-threads.md).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .atomic import publish, staging_path
 from .config import ModelConfig
 from .errors import ConfigError
 
@@ -98,23 +98,24 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     if _complete(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".staging-{out.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_path(out.parent, out.name)
     log.info("converting %s to a safetensors cache at %s (once)", gguf, out)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
     )
     # save_pretrained refuses a model that still carries its GGUF quantizer.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as always set
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(staging)
-    tok.save_pretrained(staging)
-    if out.exists():  # a concurrent conversion won; keep its result
+    try:
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        publish(staging, out, replace=False)
+    except FileExistsError:
+        pass  # a concurrent conversion won; keep its result
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-    else:
-        os.replace(staging, out)
     return out
 
 
@@ -193,7 +194,7 @@ def load_model(cfg: ModelConfig, cache_dir: Path) -> LoadedModel:
         kwargs["device_map"] = {"": str(device)}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if qcfg is None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' stub of `to` misses torch.device
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if cfg.chat_template:  # the configured template replaces the model's own (tools need one that renders them)
@@ -207,4 +208,5 @@ def load_model(cfg: ModelConfig, cache_dir: Path) -> LoadedModel:
         model_id, folder, device, device_why, str(dtype).removeprefix("torch."), dtype_why,
         cfg.quantization, attn, ctx,
     )
-    return LoadedModel(model, tokenizer, model_id, device, dtype, int(ctx), _eos_ids(model, tokenizer), cfg.quantization)
+    return LoadedModel(model, tokenizer, model_id, device, dtype, int(ctx), _eos_ids(model, tokenizer),
+                       cfg.quantization)

@@ -32,8 +32,9 @@ import shutil
 import time
 from pathlib import Path
 
+from .atomic import publish
 from .engine.protocol import Engine
-from .entries import NAME_RE, Entry, Lease, Observer, check_name
+from .entries import NAME_RE, Entry, Lease, NullObserver, Observer, check_name
 from .errors import Conflict, InvalidAdapter, InvalidRequest, NotFound, NotReady, Overloaded, StorageError
 from .lora.blend import BlendSpec, check_spec
 from .lora.weights import AdapterInfo, content_hash, describe_adapter
@@ -46,7 +47,7 @@ class Registry:
     def __init__(self, engine: Engine, store: Path, *, capacity: int = 16, roots: list[Path] | None = None,
                  observer: Observer | None = None, slot_wait_s: float = 0.0):
         self.engine = engine
-        self.observer = observer or Observer()
+        self.observer: Observer = observer or NullObserver()
         self.store = Path(store)
         self.capacity = capacity
         self._roots = Roots(self.store, roots or [])
@@ -193,7 +194,7 @@ class Registry:
                 self._went_idle.clear()
                 try:
                     await asyncio.wait_for(self._went_idle.wait(), deadline - time.monotonic())
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             if not idle:
@@ -215,6 +216,7 @@ class Registry:
         """Call with _lock held."""
         await self._make_room(wait)
         t0 = time.perf_counter()
+        assert e.path is not None, "a mix is never loaded; its sources are"
         try:
             info = await self.engine.load_adapter(e.engine_key, e.path, check_rank=e.kind == "adapter")
         except InvalidAdapter:
@@ -284,7 +286,8 @@ class Registry:
                 await self.engine.unload_adapter(entry.engine_key)
                 raise
             self.failed.pop(name, None)
-        log.info("registered %s from %s (rank %d, %s)", name, folder, entry.info.rank, ",".join(entry.info.target_modules))
+        log.info("registered %s from %s (rank %d, %s)", name, folder, entry.info.rank,
+                 ",".join(entry.info.target_modules))
         return entry, True
 
     async def _replace(self, old: Entry, folder: Path, pinned: bool) -> Entry:
@@ -416,7 +419,7 @@ class Registry:
                     info = await self.engine.create_blend(name, engine_spec, staging)
                     try:
                         target.parent.mkdir(parents=True, exist_ok=True)
-                        staging.rename(target)  # the folder appears whole or not at all
+                        publish(staging, target, replace=False)  # the folder appears whole or not at all
                     except BaseException:
                         await self.engine.unload_adapter(name)
                         raise
@@ -473,9 +476,9 @@ class Registry:
                     raise InvalidAdapter(f"its files changed since it was registered (sha256 {r.sha256[:12]} "
                                          f"then, {info.sha256[:12]} now); register it again to serve them",
                                          code="content_changed")
-            except (InvalidAdapter, InvalidRequest, Conflict) as e:
-                log.warning("skipping %s: %s", r.name, e.message)
-                self.failed[r.name] = (str(folder), e.message)
+            except (InvalidAdapter, InvalidRequest, Conflict) as refused:
+                log.warning("skipping %s: %s", r.name, refused.message)
+                self.failed[r.name] = (str(folder), refused.message)
                 continue
             self._entries[r.name] = Entry(r.name, r.kind, folder.resolve(), info, pinned=r.pinned,
                                           recipe=BlendSpec.from_recipe(r.recipe) if r.recipe else None,

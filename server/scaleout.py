@@ -35,9 +35,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 # Not postponed (no `from __future__ import annotations`): FastAPI must see the router's `Request`
 # annotation as a class, and Ray's class-based view resolves string annotations elsewhere.
@@ -77,7 +78,7 @@ async def asgi_call(app: Any, method: str, path: str, query: str, headers: list[
 
     Closing the iterator early (the caller went away) tells the app the client disconnected.
     """
-    sent = asyncio.Queue()
+    sent: asyncio.Queue[Any] = asyncio.Queue()
     done = asyncio.Event()
     gone = asyncio.Event()
     body_sent = False
@@ -138,7 +139,11 @@ async def collect(chunks: AsyncIterator[Any]) -> dict:
 class ReplicaServer:
     """One loraplex app in a Ray Serve replica. The multiplexed loader is added by `build_app`."""
 
-    async def __init__(self, config_path: str | None, env: dict[str, str], directory: Any):
+    # Set by build_app's subclass: Ray's @serve.multiplexed loader for one adapter.
+    adapter: Callable[[str], Awaitable[Any]]
+
+    async def __init__(self, config_path: str | None, env: dict[str, str],  # type: ignore[misc]
+                       directory: Any):  # Ray awaits an async actor constructor
         from ray import serve
 
         from .app import create_app
@@ -371,7 +376,7 @@ def build_app(args: dict) -> Any:
                 return JSONResponse({"error": {"message": f"the body is larger than server.max_body_bytes "
                                                f"({self.cfg.server.max_body_bytes})", "type": "invalid_request_error",
                                                "param": None, "code": "body_too_large"}}, status_code=413)
-            req = {"method": request.method, "path": path, "query": request.url.query, "body": body,
+            req: dict[str, Any] = {"method": request.method, "path": path, "query": request.url.query, "body": body,
                    "headers": [(k, v) for k, v in request.headers.items() if k.lower() != "host"],
                    "client": request.client.host if request.client else "127.0.0.1", "seq": self.seq}
             mid = ""
@@ -390,12 +395,12 @@ def build_app(args: dict) -> Any:
                     "body": body.decode(errors="replace"), "origin": out["replica"]})
             return Response(out["body"], status_code=out["status"], headers=_headers(out["headers"]))
 
-    directory = serve.deployment(Directory, name="directory", ray_actor_options={"num_cpus": 0}).bind()
-    replica = serve.deployment(Replica, name="replica", num_replicas=replicas, max_ongoing_requests=256,
+    directory = serve.deployment(name="directory", ray_actor_options={"num_cpus": 0})(Directory).bind()
+    replica = serve.deployment(name="replica", num_replicas=replicas, max_ongoing_requests=256,
                                ray_actor_options={"num_cpus": float(args.get("cpus_per_replica", 0))}
-                               ).bind(config_path, env, directory)
-    return serve.deployment(Router, name="router", max_ongoing_requests=1024,
-                            ray_actor_options={"num_cpus": 0}).bind(replica, directory, config_path, env)
+                               )(Replica).bind(config_path, env, directory)
+    return serve.deployment(name="router", max_ongoing_requests=1024,
+                            ray_actor_options={"num_cpus": 0})(Router).bind(replica, directory, config_path, env)
 
 
 def _admin_denied(request: Request, token: str, api_keys: list[str]) -> Any:

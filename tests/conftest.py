@@ -13,7 +13,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.config import load_config  # noqa: E402
 from server.engine.fake import FakeEngine  # noqa: E402
-
 from tests.helpers import save_adapter, save_tiny_model  # noqa: E402
 
 

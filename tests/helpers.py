@@ -99,7 +99,7 @@ class ServerProcess:
             [sys.executable, "-m", "server", "serve", "--port", str(self.port), *args],
             env={**os.environ, **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 300.0) -> "ServerProcess":
+    def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
         import time
 
         import httpx
@@ -147,7 +147,7 @@ class LiveApp:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "LiveApp":
+    def __enter__(self) -> LiveApp:
         import time
 
         import httpx

@@ -7,6 +7,9 @@ import pytest
 
 from server.cli import build_parser
 
+# Child processes, a Ray cluster or a real model: in `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def run_cli(*args, env=None):
     import os

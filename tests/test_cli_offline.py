@@ -10,6 +10,9 @@ import pytest
 
 from tests.helpers import ServerProcess
 
+# Child processes, a Ray cluster or a real model: in `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "server", *map(str, args)], capture_output=True, text=True,

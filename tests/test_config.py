@@ -82,3 +82,19 @@ def test_secrets_from_env_and_files(tmp_path):
     cfg = load_config(environ={"LORAPLEX_SERVER__API_KEYS_FILE": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match="api_keys_file"):
         cfg.api_keys()
+
+
+def test_docstrings_cite_only_files_in_the_repository():
+    """Issue 18: every `*.md` or `server/...py` path a module's text names exists in the repository."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    missing = []
+    for py in sorted((root / "server").rglob("*.py")):
+        for ref in re.findall(r"(?<![\w/.-])((?:[\w.-]+/)*[\w.-]+\.(?:md|py|sh|toml|jinja))\b", py.read_text()):
+            here = [root / ref, py.parent / ref, root / "server" / ref]
+            if "/" in ref or ref.endswith(".md"):
+                if not any(p.exists() for p in here):
+                    missing.append(f"{py.relative_to(root)}: {ref}")
+    assert not missing, missing

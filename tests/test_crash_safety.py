@@ -65,7 +65,7 @@ def test_kill_9_during_load_blend_and_export(tiny_model_dir, store_copy, tmp_pat
             shutil.copytree(store_copy / "alpha", store_copy / f".src{trial}")  # hidden until it is loaded
             (store_copy / f".src{trial}").rename(store_copy / f"src{trial}")
             before = models(srv.url)
-            worker = threading.Thread(target=lambda: _quiet(call, srv.url, trial), daemon=True)
+            worker = threading.Thread(target=_quiet, args=(call, srv.url, trial), daemon=True)
             worker.start()
             time.sleep(rng.uniform(0.0, 0.4 if op != "export" else 3.0))
             srv.proc.send_signal(signal.SIGKILL)

@@ -9,6 +9,9 @@ import pytest
 from server.errors import Conflict, NotFound, Overloaded
 from server.jobs import JobManager
 
+# Child processes, a Ray cluster or a real model: in `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 SCRIPT = textwrap.dedent("""
     import json, signal, sys, time
     mode = sys.argv[1]

@@ -1,7 +1,12 @@
 """The load generator's statistics, and one short run against a live FakeEngine server."""
 
+import pytest
+
 from loadtest.run import Result, pct, summarize
 from tests.api.test_disconnect import live  # noqa: F401  (fixture: uvicorn + FakeEngine)
+
+# Child processes, a Ray cluster or a real model: in `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def test_percentiles():

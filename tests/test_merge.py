@@ -1,4 +1,5 @@
-"""Fused export: logits match the adapter served on the base, the folder loads in plain transformers, refusals publish nothing."""
+"""Fused export: logits match the adapter served on the base, the folder loads in plain
+transformers, refusals publish nothing, a failure at any step leaves the previous export."""
 
 import json
 import os
@@ -11,6 +12,9 @@ from transformers import AutoModelForCausalLM
 from server.config import ModelConfig
 from server.merge import CARD_FILE, ExportError, fuse
 from tests.helpers import save_adapter, tiny_tokenizer
+
+# Child processes, a Ray cluster or a real model: in `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def visible(folder):

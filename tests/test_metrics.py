@@ -36,7 +36,8 @@ def traffic(c):
     sent = {("fake-model", "stop"): 0, ("fake-model", "length"): 0, ("alpha", "stop"): 0, ("beta", "length"): 0,
             ("alpha", "rejected"): 0}
     for _ in range(3):
-        assert c.post("/v1/completions", json={"model": "fake-model", "prompt": "hi", "max_tokens": 50}).status_code == 200
+        r = c.post("/v1/completions", json={"model": "fake-model", "prompt": "hi", "max_tokens": 50})
+        assert r.status_code == 200
         sent["fake-model", "stop"] += 1
     assert c.post("/v1/completions", json={"model": "fake-model", "prompt": "hi", "max_tokens": 2}).status_code == 200
     sent["fake-model", "length"] += 1

@@ -10,7 +10,7 @@ from server.config import ModelConfig, load_config
 from server.engine.loop import TorchEngine
 from server.engine.types import GenerationRequest, SamplingParams
 from server.errors import ConfigError, InvalidAdapter
-from server.model import choose_dtype, choose_device, load_model, resolve_source
+from server.model import choose_device, choose_dtype, load_model, resolve_source
 
 
 def test_dtype_choice_has_a_reason():
@@ -76,8 +76,9 @@ def test_quantized_base_serves_with_adapters(tiny_model_dir, tiny_store, tmp_pat
 
 
 def test_adapter_for_another_base_is_refused_without_trace(tiny_model_dir, tiny_store, tmp_path):
-    from tests.helpers import save_adapter, save_tiny_model
     from transformers import LlamaConfig
+
+    from tests.helpers import save_adapter, save_tiny_model
 
     other = save_tiny_model(tmp_path / "other")
     # Same module names, other shapes: a LoRA made for a wider model.

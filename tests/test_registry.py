@@ -163,7 +163,8 @@ def test_refused_adapters_leave_no_trace(store, breakage, code):
         run(reg.register("bad", "bad"))
     assert e.value.code == code
     assert reg.entries() == [] and "bad" not in eng.adapters
-    saved = json.loads((store / ".loraplex" / "state.json").read_text()) if (store / ".loraplex" / "state.json").exists() else {"adapters": []}
+    state = store / ".loraplex" / "state.json"
+    saved = json.loads(state.read_text()) if state.exists() else {"adapters": []}
     assert saved["adapters"] == []
 
 
@@ -542,7 +543,8 @@ def test_issue15_a_failed_load_or_copy_changes_nothing(store, op, failure):
         if op == "reload":
             await reg.register("beta", "beta")   # capacity 3: alpha (least recently used) is evicted
         before = _snapshot(reg, eng, store)
-        err = InvalidAdapter("read failed", code="invalid_weights") if failure == "read" else RuntimeError("copy failed")
+        err = (InvalidAdapter("read failed", code="invalid_weights") if failure == "read"
+               else RuntimeError("copy failed"))
 
         async def broken(*a, **k):
             raise err

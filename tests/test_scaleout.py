@@ -11,7 +11,13 @@ import pytest
 from server.scaleout import affinity_key, asgi_call, collect, is_admin_write
 from tests.helpers import free_port, save_adapter
 
+# Child processes, a Ray cluster or a real model: in `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 KNOWN = {"alpha", "beta"}
+# Four replicas, two routers and two directories share two cores with the rest of the suite: a
+# call through the router can take seconds (httpx's default timeout is 5 s).
+http = httpx.Client(timeout=120)
 
 
 @pytest.mark.parametrize("body, key", [
@@ -103,7 +109,7 @@ def cluster(ray_apps):
     return ray_apps["open"]
 
 
-def wait_for(check, timeout=30.0):
+def wait_for(check, timeout=90.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -131,7 +137,7 @@ def test_two_replicas_route_by_adapter_and_unload_everywhere(cluster):
             assert out.model == name and out.usage.completion_tokens == 6
     # Replicas report twice a second; wait until the last request is in their reports.
     def counted():
-        reps = httpx.get(cluster + "/cluster").json()["replicas"]
+        reps = http.get(cluster + "/cluster").json()["replicas"]
         total = sum(sum(r["loads"].values()) + sum(r["hits"].values()) for r in reps.values())
         return reps if total == 24 else None
     replicas = wait_for(counted)
@@ -147,25 +153,25 @@ def test_two_replicas_route_by_adapter_and_unload_everywhere(cluster):
         assert sum(r["loads"].get(name, 0) for r in replicas.values()) <= 2, replicas
 
     # An unload through the router reaches every replica.
-    assert httpx.delete(cluster + "/admin/adapters/alpha").status_code == 200
-    r = httpx.post(cluster + "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2})
+    assert http.delete(cluster + "/admin/adapters/alpha").status_code == 200
+    r = http.post(cluster + "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    version = httpx.get(cluster + "/cluster").json()["version"]
+    version = http.get(cluster + "/cluster").json()["version"]
     wait_for(lambda: all(rep["applied"] >= version and "alpha" not in rep["registered"]
-                         for rep in httpx.get(cluster + "/cluster").json()["replicas"].values()))
+                         for rep in http.get(cluster + "/cluster").json()["replicas"].values()))
     for _ in range(4):
-        assert "alpha" not in [m["id"] for m in httpx.get(cluster + "/v1/models").json()["data"]]
+        assert "alpha" not in [m["id"] for m in http.get(cluster + "/v1/models").json()["data"]]
     # A registration reaches every replica too.
-    r = httpx.post(cluster + "/admin/adapters", json={"name": "alpha2", "path": "alpha"})
+    r = http.post(cluster + "/admin/adapters", json={"name": "alpha2", "path": "alpha"})
     assert r.status_code == 201, r.text
     wait_for(lambda: all("alpha2" in rep["registered"]
-                         for rep in httpx.get(cluster + "/cluster").json()["replicas"].values()))
+                         for rep in http.get(cluster + "/cluster").json()["replicas"].values()))
     # Jobs are refused at the router with a reason; metrics stay scrapeable per replica.
-    r = httpx.post(cluster + "/admin/train", json={"name": "x", "data": "d.jsonl"})
+    r = http.post(cluster + "/admin/train", json={"name": "x", "data": "d.jsonl"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "not_supported_in_cluster"
-    targets = httpx.get(cluster + "/metrics/targets").json()
+    targets = http.get(cluster + "/metrics/targets").json()
     assert len(targets) == 2
-    scraped = httpx.get(f"http://{targets[0]['targets'][0]}/metrics").text
+    scraped = http.get(f"http://{targets[0]['targets'][0]}/metrics").text
     assert "loraplex_requests_total" in scraped
 
 
@@ -217,7 +223,7 @@ def test_issue15_finding16_the_directory_log_stays_bounded_and_holds_no_credenti
     d = Directory()
     for r in ("r1", "r2"):  # replicas announce themselves before they read the store's state file
         d.report(r, {"applied": 0, "registered": [], "at": t.time()})
-    for i in range(5):
+    for _i in range(5):
         d.append({"method": "POST", "path": "/admin/adapters", "headers": [("content-type", "application/json")],
                   "body": "{}", "origin": "r1"})
     assert [op["seq"] for op in d.since(0)] == [1, 2, 3, 4, 5]
@@ -271,7 +277,7 @@ def test_issue15_finding16_the_router_enforces_what_the_server_does(ray_apps, ma
     seen = []
     for method, path, body, cls in ROUTES:
         for cred, headers in CREDS.items():
-            r = httpx.request(method, base + path, json=body, headers=headers, timeout=60)
+            r = http.request(method, base + path, json=body, headers=headers)
             assert r.status_code in expected(cls, cred), (method, path, cred, r.status_code, r.text)
             if path != "/admin/train":  # jobs run on a single server, and are refused by the router
                 s = single.request(method, path, json=body, headers=headers)
@@ -281,16 +287,16 @@ def test_issue15_finding16_the_router_enforces_what_the_server_does(ray_apps, ma
             seen.append((path, cred, r.status_code))
     for method, path in ROUTER_VIEWS:
         for cred, headers in CREDS.items():
-            r = httpx.request(method, base + path, headers=headers, timeout=60)
+            r = http.request(method, base + path, headers=headers)
             assert r.status_code in expected("admin", cred), (path, cred, r.status_code, r.text)
-    r = httpx.post(base + "/admin/train", json={"name": "x", "data": "d.jsonl"}, headers=CREDS["admin"])
+    r = http.post(base + "/admin/train", json={"name": "x", "data": "d.jsonl"}, headers=CREDS["admin"])
     assert r.json()["error"]["code"] == "not_supported_in_cluster"
     # With admin-only metrics, replicas start no unauthenticated metrics server.
-    assert httpx.get(base + "/metrics/targets", headers=CREDS["admin"]).json() == []
+    assert http.get(base + "/metrics/targets", headers=CREDS["admin"]).json() == []
 
-    r = httpx.post(base + "/admin/adapters", json={"name": "alpha2", "path": "alpha"}, headers=CREDS["admin"])
+    r = http.post(base + "/admin/adapters", json={"name": "alpha2", "path": "alpha"}, headers=CREDS["admin"])
     assert r.status_code == 201, r.text
-    view = lambda: httpx.get(base + "/cluster", headers=CREDS["admin"]).json()  # noqa: E731
+    view = lambda: http.get(base + "/cluster", headers=CREDS["admin"]).json()  # noqa: E731
     wait_for(lambda: len(view()["replicas"]) == 2 and all("alpha2" in rep["registered"]
                                                           for rep in view()["replicas"].values()))
     print(f"\n{len(seen)} route x credential answers through the router; " +
@@ -306,9 +312,9 @@ def test_issue15_finding16_no_token_means_loopback_only_through_the_router(ray_a
         pytest.skip("this host has no non-loopback address to connect from")
     remote = f"http://{addr}:{ray_apps['port']}"
     for path in ("/admin/adapters", "/cluster", "/metrics/targets"):
-        r = httpx.get(remote + path, timeout=60)
+        r = http.get(remote + path)
         assert r.status_code == 403 and r.json()["error"]["code"] == "admin_loopback_only", (path, r.text)
-        assert httpx.get(ray_apps["open"] + path, timeout=60).status_code == 200
-    r = httpx.post(remote + "/admin/adapters", json={"name": "sneaky", "path": "alpha"}, timeout=60)
+        assert http.get(ray_apps["open"] + path).status_code == 200
+    r = http.post(remote + "/admin/adapters", json={"name": "sneaky", "path": "alpha"})
     assert r.status_code == 403
-    assert httpx.get(remote + "/v1/models", timeout=60).status_code == 200   # inference needs no key here
+    assert http.get(remote + "/v1/models").status_code == 200   # inference needs no key here

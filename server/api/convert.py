@@ -13,7 +13,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..config import ServerConfig
 from ..engine.protocol import PromptTokenizer
@@ -173,11 +173,11 @@ def plan_completion(body: CompletionRequest, tok: PromptTokenizer, context: int,
     if isinstance(raw, str):
         prompts = [tok.encode(raw)]
     elif raw and all(isinstance(x, int) for x in raw):
-        prompts = [list(raw)]
+        prompts = [list(cast("list[int]", raw))]
     elif raw and all(isinstance(x, str) for x in raw):
-        prompts = [tok.encode(x) for x in raw]
+        prompts = [tok.encode(x) for x in cast("list[str]", raw)]
     elif raw and all(isinstance(x, list) for x in raw):
-        prompts = [list(x) for x in raw]
+        prompts = [list(x) for x in cast("list[list[int]]", raw)]
     else:
         raise InvalidRequest("prompt must be a string, a list of strings, or token ids", param="prompt")
     if len(prompts) > cfg.max_prompts:

@@ -21,8 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Config
 from ..engine.protocol import Engine
-from ..jobs import JobManager
 from ..errors import Forbidden, LoraplexError, NotReady, Unauthorized
+from ..jobs import JobManager
 from ..metrics import Metrics
 from ..registry import Registry
 from .errors import body as error_body

@@ -17,8 +17,9 @@ It knows field names and values only, nothing of tokenizers or engines.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import InvalidRequest
 

@@ -17,8 +17,8 @@ from pydantic import Field
 
 from ..errors import InvalidRequest
 from ..registry import Entry
-from .deps import AppState, require_inference
 from .convert import message_dicts
+from .deps import AppState, require_inference
 from .schemas import ChatMessage, _Wire
 
 router = APIRouter()
@@ -77,6 +77,7 @@ async def tokenize(body: TokenizeRequest, state: AppState = Depends(require_infe
     else:
         if body.add_special_tokens:
             raise InvalidRequest("chat prompts are encoded without extra special tokens", param="add_special_tokens")
+        assert body.messages is not None, "the schema requires prompt or messages"
         ids = tok.apply_chat_template(message_dicts(body.messages), add_generation_prompt=body.add_generation_prompt)
     strs = [tok.decode([t], skip_special_tokens=False) for t in ids] if body.return_token_strs else None
     return {"count": len(ids), "max_model_len": state.engine.context_length, "tokens": ids, "token_strs": strs}

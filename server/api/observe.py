@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from ..engine.types import GenerationEvent
 from ..metrics import MIX_LABEL, Metrics
@@ -40,7 +40,7 @@ class RequestRecord:
         self.error: BaseException | None = None
         self.reported = False
 
-    async def wrap(self, stream: AsyncIterator[GenerationEvent]) -> AsyncIterator[GenerationEvent]:
+    async def wrap(self, stream: AsyncGenerator[GenerationEvent, None]) -> AsyncGenerator[GenerationEvent, None]:
         self.streams += 1
         last = None
         try:

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -23,9 +23,18 @@ from ..engine.grammar import Structured
 from ..engine.types import GenerationEvent
 from ..errors import InvalidRequest
 from ..registry import Lease
-from .convert import (ChoiceAccumulator, Plan, chat_logprobs, chat_message, completion_choice, plan_chat,
-                      plan_completion, usage, vllm_prompt_logprobs)
 from . import fields
+from .convert import (
+    ChoiceAccumulator,
+    Plan,
+    chat_logprobs,
+    chat_message,
+    completion_choice,
+    plan_chat,
+    plan_completion,
+    usage,
+    vllm_prompt_logprobs,
+)
 from .deps import AppState, require_inference
 from .observe import RequestRecord, adapter_label
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -37,7 +46,7 @@ log = logging.getLogger("loraplex.api")
 router = APIRouter()
 
 
-def _submit(state: AppState, plan: Plan) -> list[AsyncIterator[GenerationEvent]]:
+def _submit(state: AppState, plan: Plan) -> list[AsyncGenerator[GenerationEvent, None]]:
     """Submit every choice, or none: a refusal part-way aborts those already queued."""
     streams = []
     try:
@@ -55,7 +64,7 @@ def _abort_all(state: AppState, plan: Plan) -> None:
 
 
 async def _collect(request: Request, state: AppState, plan: Plan,
-                   streams: list[AsyncIterator[GenerationEvent]]) -> list[ChoiceAccumulator] | None:
+                   streams: list[AsyncGenerator[GenerationEvent, None]]) -> list[ChoiceAccumulator] | None:
     """Run all choices to the end; None if the client disconnected first (generation aborted)."""
     acc = [ChoiceAccumulator() for _ in streams]
 
@@ -68,22 +77,27 @@ async def _collect(request: Request, state: AppState, plan: Plan,
             await asyncio.sleep(0.25)
 
     work, watch = asyncio.create_task(run()), asyncio.create_task(gone())
+    abandoned = True
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # Also when this handler is cancelled: the generation must not outlive it.
         watch.cancel()
-        if not work.done():
+        abandoned = not work.done()
+        if abandoned:
             work.cancel()
             _abort_all(state, plan)
             await asyncio.gather(work, return_exceptions=True)
-            log.info("%s: client disconnected; generation aborted", plan.id)
-            return None
+    if abandoned:
+        log.info("%s: client disconnected; generation aborted", plan.id)
+        return None
     work.result()  # re-raise an engine error
     return acc
 
 
 def _stream(state: AppState, plan: Plan, chunks: Callable, model: str, include_usage: bool,
-            streams: list[AsyncIterator[GenerationEvent]], lease: Lease, record: RequestRecord) -> EventSourceResponse:
+            streams: list[AsyncGenerator[GenerationEvent, None]], lease: Lease,
+            record: RequestRecord) -> EventSourceResponse:
     async def events() -> AsyncIterator[str]:
         try:
             async for data in chunks(plan, model, streams, include_usage):

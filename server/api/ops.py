@@ -29,7 +29,7 @@ async def ready(request: Request):
     if state.ready:
         return {"status": "ready", "model": state.engine.model_id}
     message = state.load_error or ("the server is shutting down" if state.draining else
-                                   "the engine loop is stalled" if getattr(state.engine, "stalled", False) else
+                                   "the engine loop is stalled" if state.engine.stalled else
                                    "the model is loading")
     return JSONResponse(error_body(message, "service_unavailable_error", None, "not_ready"), status_code=503)
 

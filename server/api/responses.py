@@ -16,7 +16,8 @@ import functools
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -73,7 +74,8 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
         kind, where = item.get("type", "message"), f"input.{i}"
         if kind == "message":
             if item.get("role") not in ("user", "system", "developer", "assistant"):
-                raise InvalidRequest(f"{where}.role must be user, system, developer or assistant", param=f"{where}.role")
+                raise InvalidRequest(f"{where}.role must be user, system, developer or assistant",
+                                     param=f"{where}.role")
             out.append({"role": item["role"], "content": _text(item.get("content", ""), where)})
         elif kind == "function_call":
             call = {"id": item.get("call_id", ""), "type": "function",
@@ -83,8 +85,8 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            out.append({"role": "tool", "tool_call_id": item.get("call_id", ""), "content": _text(item.get("output", ""),
-                                                                                                  where)})
+            out.append({"role": "tool", "tool_call_id": item.get("call_id", ""),
+                        "content": _text(item.get("output", ""), where)})
         else:
             raise InvalidRequest(f"{where}: {kind} items are not supported", param=f"{where}.type")
     if not out:
@@ -217,7 +219,8 @@ async def _events(rid: str, body: ResponsesRequest, plan: Plan, model: str,
     try:
         async for _, e in merge(streams):
             completion, finish = e.completion_tokens, e.finish_reason or finish
-            deltas = ts.feed(e.text) if ts is not None else ([{"content": e.text}] if e.text else [])
+            deltas: list[dict[str, Any]] = (ts.feed(e.text) if ts is not None else
+                                            [{"content": e.text}] if e.text else [])
             if e.finish_reason and ts is not None:
                 deltas += ts.finish(complete=e.finish_reason == "stop")
             for d in deltas:
@@ -225,9 +228,10 @@ async def _events(rid: str, body: ResponsesRequest, plan: Plan, model: str,
                     if text_item is None:
                         for x in open_text():
                             yield x
+                    assert text_item is not None, "set by open_text"
                     text_item["content"][0]["text"] += d["content"]
-                    yield ev("response.output_text.delta", item_id=text_item["id"], output_index=output.index(text_item),
-                             content_index=0, delta=d["content"], logprobs=[])
+                    yield ev("response.output_text.delta", item_id=text_item["id"],
+                             output_index=output.index(text_item), content_index=0, delta=d["content"], logprobs=[])
                 for tc in d.get("tool_calls", []):
                     item = calls.get(tc["index"])
                     if item is None:

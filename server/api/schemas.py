@@ -9,7 +9,7 @@ table of honoured, refused and ignored fields, can judge each by name. Caps that
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -115,7 +115,7 @@ class SamplingFields(_Wire):
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, max_length=8)
 
 
-PromptField = Union[str, list[str], list[int], list[list[int]]]
+PromptField = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):

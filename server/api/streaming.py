@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from ..engine.types import GenerationEvent
 from .convert import Plan, chat_logprobs, completion_choice, usage, vllm_prompt_logprobs
@@ -22,7 +23,7 @@ from .tools import ToolStream
 _END = object()
 
 
-async def merge(streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterator[tuple[int, GenerationEvent]]:
+async def merge(streams: Sequence[AsyncIterator[GenerationEvent]]) -> AsyncIterator[tuple[int, GenerationEvent]]:
     """Yield (choice index, event) from all streams as events arrive.
 
     Each stream is pumped by its own task. Leaving this generator (client gone,
@@ -122,7 +123,8 @@ async def chat_chunks(plan: Plan, model: str, streams: list[AsyncIterator[Genera
             lp = chat_logprobs(ev.logprobs) if ev.logprobs else None
             deltas = _deltas(tools[i], ev)
             finish = ev.finish_reason
-            if finish == "stop" and tools[i] is not None and tools[i].calls:
+            tool = tools[i]
+            if finish == "stop" and tool is not None and tool.calls:
                 finish = "tool_calls"
             extra = {}
             if ev.prompt_logprobs is not None and plan.vllm_prompt_logprobs:

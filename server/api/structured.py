@@ -52,7 +52,8 @@ def _found(body: SamplingFields) -> list[tuple[str, str, str]]:
     if so is not None:
         unknown = sorted(k for k, v in (so.model_extra or {}).items() if v is not None)
         if unknown:
-            raise InvalidRequest(f"structured_outputs.{unknown[0]} is not supported", param=f"structured_outputs.{unknown[0]}")
+            raise InvalidRequest(f"structured_outputs.{unknown[0]} is not supported",
+                                 param=f"structured_outputs.{unknown[0]}")
         for field, kind, value in (("json", "json_schema", so.json_), ("regex", "regex", so.regex),
                                    ("choice", "choice", so.choice), ("grammar", "grammar", so.grammar)):
             if value is not None:

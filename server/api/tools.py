@@ -42,6 +42,7 @@ class ToolPlan:
     def structured(self) -> Structured | None:
         """The constraint that forces the call, or None (auto, none)."""
         if self.mode == "named":
+            assert self.name is not None, "a named tool_choice names its function"
             return Structured("json_schema", json.dumps(self.schemas[self.name]), param="tool_choice")
         if self.mode == "required":
             # vLLM's shape: a list of {"name", "parameters"}, one schema per function.
@@ -106,8 +107,8 @@ def parse(plan: ToolPlan, text: str) -> tuple[str | None, list[dict[str, Any]]]:
     if plan.mode == "none":
         return text, []
     if plan.mode == "named":
-        return None, [_call(plan.name, text)]
-    found: list[tuple[str, Any]] = []
+        return None, [_call(plan.name or "", text)]
+    found: list[tuple[Any, Any]] = []   # (name as the model wrote it, arguments)
     content: str | None = text
     if plan.mode == "required":
         for o in _objects(text) or []:
@@ -115,20 +116,20 @@ def parse(plan: ToolPlan, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         content = None if found else text
     elif plan.parser == "hermes":
         for m in HERMES.finditer(text):
-            o = _objects(m.group(1))
-            if o:
-                found += [(x.get("name"), x.get("arguments", {})) for x in o]
+            objs = _objects(m.group(1))
+            if objs:
+                found += [(x.get("name"), x.get("arguments", {})) for x in objs]
         if found:
             content = text[:text.find(HERMES_OPEN)]  # as streamed: the text before the first call
             content = content if content.strip() else None
     elif plan.parser == "llama3_json":
         body = text.strip().removeprefix("<|python_tag|>")
         for part in body.split(";") if body.startswith("{") else []:
-            o = _objects(part.strip())
-            if not o:
+            objs = _objects(part.strip())
+            if not objs:
                 found = []
                 break
-            found += [(x.get("name"), x.get("parameters", x.get("arguments", {}))) for x in o]
+            found += [(x.get("name"), x.get("parameters", x.get("arguments", {}))) for x in objs]
         content = None if found else text
     known = plan.schemas
     calls = [_call(n, a) for n, a in found if n in known]
@@ -156,7 +157,7 @@ class ToolStream:
         if self.plan.mode == "named":
             if not self.started:
                 self.started = True
-                call = _call(self.plan.name, "")
+                call = _call(self.plan.name or "", "")
                 self.calls.append(call)
                 return [{"tool_calls": [{"index": 0, **call, "function": {"name": self.plan.name,
                                                                           "arguments": text}}]}]

@@ -2,8 +2,8 @@
 
 Owns: the KV pool (one key and one value tensor per layer, (kv_heads, num_blocks * block_size,
 head_dim), addressed by slot = block * block_size + offset: heads outermost, so a gather of many
-sequences' slots is one contiguous (kv_heads * sequences, length, head_dim) batch for bmm), the per-step attention metadata
-built from block tables, and the attention function transformers' layers call (registered
+sequences' slots is one contiguous (kv_heads * sequences, length, head_dim) batch for bmm), the
+per-step attention metadata built from block tables, and the attention function transformers' layers call (registered
 under the name "loraplex_paged" through `AttentionInterface`, as vLLM's transformers backend does).
 
 A step's input is packed: one flat row of T tokens from many sequences, no padding. Each
@@ -24,8 +24,9 @@ result (1, T, heads, d). It knows tensors and slots, nothing of requests, adapte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,35 +67,10 @@ class SeqSpan:
     slots: torch.Tensor             # (pos + length,) long
 
 
-@dataclass
-class AttnBatch:
-    slot_mapping: torch.Tensor      # (T,) long: where each new token's key and value go
-    spans: list[SeqSpan]
-    device: torch.device
-    pad_slot: int                   # the pool's never-written zero slot
-    _masks: dict = field(default_factory=dict)
-    _decode: tuple | None = None
+class _StepMemo:
+    """Per-step index and mask tensors, built once and shared by every layer of the step."""
 
-    def decode_gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[SeqSpan]]:
-        """For the single-token spans: (their token rows (B,), slots (B, L) padded with the pool's
-        zero slot, key positions (B, L) with -1 on padding, the other spans)."""
-        if self._decode is None:
-            single = [s for s in self.spans if s.length == 1]
-            rest = [s for s in self.spans if s.length != 1]
-            if single:
-                width = max(s.pos + 1 for s in single)
-                slots = torch.full((len(single), width), self.pad_slot, dtype=torch.long)
-                kpos = torch.full((len(single), width), -1, dtype=torch.long)
-                for i, s in enumerate(single):
-                    slots[i, :s.pos + 1] = s.slots.cpu()
-                    kpos[i, :s.pos + 1] = torch.arange(s.pos + 1)
-                rows = torch.tensor([s.start for s in single], dtype=torch.long)
-                qpos = torch.tensor([s.pos for s in single], dtype=torch.long)
-                self._decode = (rows.to(self.device), slots.to(self.device), kpos.to(self.device),
-                                qpos.to(self.device), rest)
-            else:
-                self._decode = (None, None, None, None, rest)
-        return self._decode
+    _masks: dict
 
     def flat(self, slots: torch.Tensor, kv_heads: int, num_slots: int) -> torch.Tensor:
         """Rows of the pool viewed as (kv_heads * slots, d) for these slots, head by head: a gather
@@ -112,6 +88,39 @@ class AttnBatch:
         if m is None:
             m = self._masks[key] = build()
         return m
+
+
+@dataclass
+class AttnBatch(_StepMemo):
+    slot_mapping: torch.Tensor      # (T,) long: where each new token's key and value go
+    spans: list[SeqSpan]
+    device: torch.device
+    pad_slot: int                   # the pool's never-written zero slot
+    _masks: dict = field(default_factory=dict)
+    _decode: tuple | None = None
+
+    def decode_gather(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                                     torch.Tensor | None, list[SeqSpan]]:
+        """For the single-token spans: (their token rows (B,), slots (B, L) padded with the pool's
+        zero slot, key positions (B, L) with -1 on padding, query positions (B,), the other
+        spans); the first four are None when no span is a single token."""
+        if self._decode is None:
+            single = [s for s in self.spans if s.length == 1]
+            rest = [s for s in self.spans if s.length != 1]
+            if single:
+                width = max(s.pos + 1 for s in single)
+                slots = torch.full((len(single), width), self.pad_slot, dtype=torch.long)
+                kpos = torch.full((len(single), width), -1, dtype=torch.long)
+                for i, s in enumerate(single):
+                    slots[i, :s.pos + 1] = s.slots.cpu()
+                    kpos[i, :s.pos + 1] = torch.arange(s.pos + 1)
+                rows = torch.tensor([s.start for s in single], dtype=torch.long)
+                qpos = torch.tensor([s.pos for s in single], dtype=torch.long)
+                self._decode = (rows.to(self.device), slots.to(self.device), kpos.to(self.device),
+                                qpos.to(self.device), rest)
+            else:
+                self._decode = (None, None, None, None, rest)
+        return self._decode
 
 
 def _visible(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -187,7 +196,7 @@ BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": reference, "bat
 
 
 @dataclass
-class DecodeBatch:
+class DecodeBatch(_StepMemo):
     """A decode-only step in fixed shapes, for CUDA-graph capture (`server/engine/graphs.py`):
     B rows, one token each, at most L key slots each. The tensors are the graph's static inputs,
     rewritten in place before every replay; rows past the real batch are padding (they write
@@ -198,9 +207,6 @@ class DecodeBatch:
     kpos: torch.Tensor              # (B, L) long, -1 on padding
     qpos: torch.Tensor              # (B,) long
     _masks: dict = field(default_factory=dict)
-
-    flat = AttnBatch.flat
-    mask = AttnBatch.mask
 
 
 def static_decode(q, k, v, batch: DecodeBatch, scaling: float, window: int | None) -> torch.Tensor:

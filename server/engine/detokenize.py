@@ -18,7 +18,8 @@ It knows nothing of tensors or models: any object with
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 
 class Decoder(Protocol):
@@ -104,7 +105,8 @@ class IncrementalDetokenizer:
         return out + ("" if self.matcher.stopped else self.matcher.flush())
 
     def _decode_step(self, final: bool) -> str:
-        prefix = self.decoder.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special)
+        prefix = self.decoder.decode(self.ids[self.prefix_offset:self.read_offset],
+                                     skip_special_tokens=self.skip_special)
         window = self.decoder.decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip_special)
         if len(window) > len(prefix) and (final or not window.endswith("\ufffd")):
             self.prefix_offset = self.read_offset

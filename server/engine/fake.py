@@ -17,8 +17,10 @@ import asyncio
 import json
 import shutil
 import time
+from collections.abc import AsyncGenerator, Callable
+from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Sequence as Seq
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidAdapter, NotFound, NotReady, Overloaded, RequestTimeout
 from ..lora.blend import BlendSpec
@@ -98,6 +100,10 @@ class FakeEngine:
         return self._ready
 
     @property
+    def stalled(self) -> bool:
+        return False  # no loop of its own to stall
+
+    @property
     def tokenizer(self) -> ByteTokenizer:
         return self._tok
 
@@ -114,7 +120,7 @@ class FakeEngine:
     def shutdown(self) -> None:
         self._ready = False
 
-    def submit(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    def submit(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         if not self._ready:
             raise NotReady("the engine is not serving", code="not_ready")
         for name in ([request.adapter] if request.adapter is not None else []) + [n for n, _ in request.mix]:
@@ -141,7 +147,7 @@ class FakeEngine:
         if request_id in self.running:
             self.aborted.add(request_id)
 
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def _generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         seq = Sequence(request, self._tok, [EOS])
         reply = self._tok.encode(self.script(request, self._tok.decode(request.prompt_ids)))
         prompt_lps = self._prompt_logprobs(request)
@@ -219,3 +225,10 @@ class FakeEngine:
 
     async def unload_adapter(self, name: str) -> None:
         self.adapters.pop(name, None)
+
+
+if TYPE_CHECKING:
+    from .protocol import Engine
+
+    def _is_an_engine(e: FakeEngine) -> Engine:  # mypy checks FakeEngine against the protocol here
+        return e

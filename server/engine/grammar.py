@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -55,13 +56,13 @@ class Grammars:
         self._compiler = _xgr().GrammarCompiler(info, cache_enabled=True)
 
     @classmethod
-    def from_tokenizer(cls, hf_tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]) -> "Grammars":
+    def from_tokenizer(cls, hf_tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]) -> Grammars:
         xgr = _xgr()
         return cls(xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size,
                                                       stop_token_ids=list(stop_token_ids)))
 
     @classmethod
-    def from_raw_vocab(cls, vocab: list[bytes], stop_token_ids: Sequence[int]) -> "Grammars":
+    def from_raw_vocab(cls, vocab: list[bytes], stop_token_ids: Sequence[int]) -> Grammars:
         xgr = _xgr()
         return cls(xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, stop_token_ids=list(stop_token_ids)))
 
@@ -108,8 +109,9 @@ def apply_masks(logits: torch.Tensor, matchers: list[Any | None]) -> None:
     xgr = _xgr()
     vocab = logits.shape[-1]
     bitmask = xgr.allocate_token_bitmask(len(matchers), vocab)
-    for i in rows:
-        matchers[i].fill_next_token_bitmask(bitmask, i)
+    for i, m in enumerate(matchers):
+        if m is not None:
+            m.fill_next_token_bitmask(bitmask, i)
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), vocab_size=vocab,
                                     indices=rows)
 

@@ -56,7 +56,7 @@ class _Bucket:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: "ModelRunner", *, max_rows: int, max_len: int, capture: bool):
+    def __init__(self, runner: ModelRunner, *, max_rows: int, max_len: int, capture: bool):
         self.runner = runner
         self.rows = [b for b in ROW_BUCKETS if b < max_rows] + [max_rows]
         self.max_len = max_len
@@ -66,13 +66,13 @@ class DecodeGraphs:
         self.replays = self.captures = self.recaptures = 0
         self.failed = False                 # a capture raised: every step runs packed from then on
 
-    def fits(self, items: list["StepItem"]) -> bool:
+    def fits(self, items: list[StepItem]) -> bool:
         if self.failed or not 0 < len(items) <= self.rows[-1]:
             return False
         return (all(len(it.tokens) == 1 and it.sample and not it.mix and not it.all_logits for it in items)
                 and max(it.pos for it in items) < self.max_len)
 
-    def _shape(self, items: list["StepItem"]) -> tuple[int, int]:
+    def _shape(self, items: list[StepItem]) -> tuple[int, int]:
         rows = next(b for b in self.rows if b >= len(items))
         bs = self.runner.block_size
         blocks = 1
@@ -89,7 +89,7 @@ class DecodeGraphs:
                                                        DecodeBatch(z(rows), z(rows, width), z(rows, width), z(rows)))
         return b
 
-    def _fill(self, b: _Bucket, items: list["StepItem"]) -> None:
+    def _fill(self, b: _Bucket, items: list[StepItem]) -> None:
         """Write the step into the bucket's buffers in place (built on the host, one copy each)."""
         r = self.runner
         bs, n, pad = r.block_size, len(items), b.rows - len(items)
@@ -157,7 +157,7 @@ class DecodeGraphs:
         log.info("captured a decode graph for %d rows x %d keys", b.rows, b.width)
 
     @torch.inference_mode()
-    def run(self, items: list["StepItem"]) -> torch.Tensor:
+    def run(self, items: list[StepItem]) -> torch.Tensor:
         """(len(items), vocab) logits of a decode-only step, in item order."""
         b = self._bucket(*self._shape(items))
         self._fill(b, items)
@@ -174,6 +174,7 @@ class DecodeGraphs:
                 self.failed = True
                 b.graph = b.logits = None
                 return self.runner.run_packed(items)
+        assert b.graph is not None and b.logits is not None, "set by _capture"
         b.graph.replay()
         self.replays += 1
         return b.logits[:len(items)]

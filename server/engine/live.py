@@ -63,8 +63,17 @@ class Live:
         """logits: (n, V) of the chunk at positions pos..pos+n-1; row j predicts token pos+j+1."""
         prompt = self.pending.request.prompt_ids
         nxt = prompt[pos + 1:min(pos + logits.shape[0] + 1, len(prompt))]
+        assert self.prompt_lps is not None, "only for a request that asked for prompt logprobs"
         for j, entry in enumerate(prompt_logprobs(logits, nxt, self.pending.request.params.prompt_logprobs or 0)):
             self.prompt_lps[pos + j] = entry
+
+    def scored_prompt(self) -> list[TokenLogprob] | None:
+        """The prompt's logprobs once the prefill scored every position (None when not asked)."""
+        if self.prompt_lps is None:
+            return None
+        done = [lp for lp in self.prompt_lps if lp is not None]
+        assert len(done) == len(self.prompt_lps), "prompt logprobs taken before the prefill ended"
+        return done
 
     @property
     def request_id(self) -> str:
@@ -97,7 +106,7 @@ def admit(p: Pending, slots: AdapterSlots, decoder: Decoder, eos: list[int], dev
                 prompt_lps=[None] * (len(req.prompt_ids) - 1) if wants else None)
 
 
-def split_step(lives: list[Live], items: list["StepItem"], logits: torch.Tensor
+def split_step(lives: list[Live], items: list[StepItem], logits: torch.Tensor
                ) -> tuple[list[Live], torch.Tensor, list[Live]]:
     """After a step's forward: record prompt logprobs from their chunks' rows, and return
     (sequences to sample, their logits rows, sequences whose prompt was scored and that generate

@@ -8,7 +8,7 @@ go as one batch to the output thread (`output.py`), which detokenizes, finds sto
 wakes each request's asyncio queue, so neither the event loop nor the engine waits on the other.
 
 Why one thread: after the main thread has run a parallel torch op, forwards on another thread
-ran 1.5x slower here (facts.md); so the engine thread loads the model itself and does every
+ran 1.5x slower here (docs/engine-threads.md); so the engine thread loads the model itself and does every
 forward. Reading, validating and preparing an adapter (and building a blend with PEFT), and its
 copy into a free LoRA slot, happen on a loader thread while the engine keeps stepping (no token
 reads a free slot; see server/lora/slots.py); unloading runs on the engine thread between steps.
@@ -23,8 +23,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import torch
 
@@ -50,6 +50,12 @@ log = logging.getLogger("loraplex.engine")
 
 
 class TorchEngine:
+    # Set by the engine thread (_main) once the model is loaded, before it serves any request
+    # or command; only that thread reads them.
+    _sched: Scheduler
+    _out: OutputProcessor
+    _decoder: HFPromptTokenizer          # the output thread's
+
     def __init__(
         self,
         model_cfg: ModelConfig,
@@ -74,7 +80,6 @@ class TorchEngine:
         self._stats = EngineStats()
         self._admission_waits = self._preemptions = 0
         # Touched only on the engine thread.
-        self._sched: Scheduler | None = None
         self._blocks: BlockManager | None = None
         self._live: dict[str, Live] = {}
         # Reading and preparing adapters, building blends: off the engine thread (one at a time).
@@ -98,8 +103,6 @@ class TorchEngine:
         self._thread: threading.Thread | None = None
         self._runner: ModelRunner | None = None
         self._prompt_tok: HFPromptTokenizer | None = None
-        self._decoder: HFPromptTokenizer | None = None   # the output thread's
-        self._out: OutputProcessor | None = None
         self._context = 0
         self._eos: list[int] = []
         self._grammars = LazyGrammars(self._build_grammars)
@@ -140,8 +143,19 @@ class TorchEngine:
     def context_length(self) -> int:
         return self._context
 
+    @property
+    def _runner_ready(self) -> ModelRunner:
+        """The runner, for code that runs only after the model loaded (engine thread, loader)."""
+        assert self._runner is not None, "the model is not loaded"
+        return self._runner
+
+    @property
+    def _kv_blocks(self) -> BlockManager:
+        assert self._blocks is not None, "the model is not loaded"
+        return self._blocks
+
     # -- requests ------------------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    def submit(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         if not self.ready:
             raise NotReady("the engine is not serving (loading or shutting down)", code="not_ready")
         need = len(request.prompt_ids) + request.params.max_tokens
@@ -154,8 +168,9 @@ class TorchEngine:
         pending = Pending(request, Sink(asyncio.get_running_loop(), asyncio.Queue()))
         with self._lock:
             if len(self._waiting) + self._stats.waiting >= self.cfg.max_waiting_requests:
-                raise Overloaded(f"{len(self._waiting) + self._stats.waiting} requests are waiting (engine.max_waiting_requests="
-                                 f"{self.cfg.max_waiting_requests}); retry later", retry_after=1, code="queue_full")
+                raise Overloaded(f"{len(self._waiting) + self._stats.waiting} requests are waiting "
+                                 f"(engine.max_waiting_requests={self.cfg.max_waiting_requests}); retry later",
+                                 retry_after=1, code="queue_full")
             self._waiting.append(pending)
             self._active.add(request.request_id)
         self._wakeup.set()
@@ -181,8 +196,8 @@ class TorchEngine:
         return await asyncio.to_thread(self._grammars.compile, s)
 
     def _build_grammars(self) -> Grammars:
-        vocab = int(self._runner.model.get_output_embeddings().weight.shape[0])  # the logits' width
-        return Grammars.from_tokenizer(self._prompt_tok.clone().tok, vocab, self._eos)
+        vocab = int(self._runner_ready.model.get_output_embeddings().weight.shape[0])  # the logits' width
+        return Grammars.from_tokenizer(self.tokenizer.clone().tok, vocab, self._eos)
 
     # -- adapters: prepared on the loader thread, installed between steps ----------------
     async def _off_thread(self, fn: Callable[[], object]):
@@ -191,7 +206,7 @@ class TorchEngine:
         return await asyncio.get_running_loop().run_in_executor(self._loader_pool, fn)
 
     async def load_adapter(self, name: str, path: Path, *, check_rank: bool = True) -> AdapterInfo:
-        runner = self._runner
+        runner = self._runner_ready
 
         def load() -> Prepared:
             key = file_key(path)
@@ -206,7 +221,7 @@ class TorchEngine:
         return (await self._off_thread(load)).files.info
 
     async def create_blend(self, name: str, spec: BlendSpec, folder: Path) -> AdapterInfo:
-        runner = self._runner
+        runner = self._runner_ready
 
         prepared, identity = await self._off_thread(lambda: prepare_blend(runner, name, spec, folder))
         await self._off_thread(lambda: runner.slots.install(name, prepared, identity=identity))
@@ -214,14 +229,14 @@ class TorchEngine:
 
     async def unload_adapter(self, name: str) -> None:
         def work() -> None:
-            removed = self._runner.slots.remove(name)
+            removed = self._runner_ready.slots.remove(name)
             if removed is None:
                 return
             identity, prepared = removed
-            if identity not in self._runner.slots.identity_of.values():  # the same weights may be loaded twice
-                self._blocks.drop_identity(identity)
+            if identity not in self._runner_ready.slots.identity_of.values():  # the same weights may be loaded twice
+                self._kv_blocks.drop_identity(identity)
             with self._host_lock:
-                self._runner.slots.to_host(self._host_keys.pop(name, None), prepared)
+                self._runner_ready.slots.to_host(self._host_keys.pop(name, None), prepared)
         await self._command(work)
 
     async def _command(self, fn: Callable[[], object]):
@@ -256,12 +271,12 @@ class TorchEngine:
                                        attention=self.cfg.attention_backend, host_adapters=self.host_adapters,
                                        cuda_graphs=self.cfg.cuda_graphs, max_rows=self.cfg.max_batch_size,
                                        max_len=loaded.context_length)
-            log.info("packed-forward self-check passed (max logit difference %.2g)", self._runner.self_check())
+            log.info("packed-forward self-check passed (max logit difference %.2g)", self._runner_ready.self_check())
             self._blocks = BlockManager(blocks, self.cfg.block_size, prefix_caching=self.cfg.prefix_caching)
             self._sched = Scheduler(self._blocks, self._budget)
             self._prompt_tok = HFPromptTokenizer(loaded.tokenizer,
                                                  content_as_text=self.model_cfg.special_tokens_in_content == "text")
-            self._decoder = self._prompt_tok.clone()
+            self._decoder = self.tokenizer.clone()
             self._out = OutputProcessor(self._decoder.token_text, self.abort)
             self._out.start()
             self._context, self._eos, self.model_id = loaded.context_length, loaded.eos_token_ids, loaded.model_id
@@ -273,7 +288,7 @@ class TorchEngine:
             return
         self._loaded.set()
         log.info("engine ready: %s, %d KV blocks of %d tokens (%.0f MiB), %d LoRA slots, budget %s", self.model_id,
-                 blocks, self.cfg.block_size, self._runner.kv.nbytes / 2**20, self.num_slots, self._budget)
+                 blocks, self.cfg.block_size, self._runner_ready.kv.nbytes / 2**20, self.num_slots, self._budget)
         while not self._stopping:
             self._heartbeat = time.monotonic()
             self._run_commands()
@@ -293,7 +308,7 @@ class TorchEngine:
         with self._lock:
             new = list(self._waiting)
             self._waiting.clear()
-        slots = self._runner.slots
+        slots = self._runner_ready.slots
         for p in new:
             req = p.request
             if req.request_id in self._aborted:
@@ -301,7 +316,7 @@ class TorchEngine:
                     self._finish(req.request_id)
                 continue
             try:
-                lv = admit(p, slots, self._decoder, self._eos, self._runner.device, self._grammars.grammars)
+                lv = admit(p, slots, self._decoder, self._eos, self._runner_ready.device, self._grammars.grammars)
             except (NotFound, NotReady) as e:
                 self._fail_pending([p], e)
                 continue
@@ -370,12 +385,16 @@ class TorchEngine:
                           kv.num_computed + n == len(kv), lv.mix, lv.wants_prompt_logits())
                  for (kv, n), lv in zip(step.items, lives)]
         try:
-            logits = self._runner.run(items)
+            logits = self._runner_ready.run(items)
             sched.done(step)
             self._sample_and_emit(*split_step(lives, items, logits), now)
-        except Exception as e:
-            log.exception("engine step failed; failing its %d requests", len(lives))
-            self._fail(lives, LoraplexError(f"engine error: {type(e).__name__}: {e}", code="engine_error"))
+        except Exception:
+            # The detail (paths, tensor shapes, library messages) goes to the log, never to clients.
+            log.exception("engine step failed; failing its %d requests: %s", len(lives),
+                          ", ".join(lv.request_id for lv in lives))
+            for lv in lives:
+                self._fail([lv], LoraplexError(f"the engine failed while generating request {lv.request_id}; the "
+                                               "cause is in the server's log", code="engine_error"))
         self._report(step.num_tokens, t0)
         return True
 
@@ -385,7 +404,7 @@ class TorchEngine:
         batch: list[TokenOut | ErrorOut] = []
         for lv in scored:
             batch.append(TokenOut(lv.pending.sink, lv.seq, -1, None, True, now - lv.pending.submitted,
-                                  lv.prompt_lps))
+                                  lv.scored_prompt()))
             self._drop(lv)
             with self._lock:
                 self._finish(lv.request_id)
@@ -432,7 +451,7 @@ class TorchEngine:
             queue_time, prompt_lps = None, None
             if not lv.started:
                 lv.started = True
-                queue_time, prompt_lps = now - lv.pending.submitted, lv.prompt_lps
+                queue_time, prompt_lps = now - lv.pending.submitted, lv.scored_prompt()
             batch.append(TokenOut(lv.pending.sink, lv.seq, tok, lp, finished, queue_time, prompt_lps))
             if finished:
                 self._drop(lv)
@@ -441,7 +460,7 @@ class TorchEngine:
         self._out.put(batch)
 
     def _report(self, tokens: int, t0: float | None = None) -> None:
-        b, sched = self._blocks, self._sched
+        b, sched = self._kv_blocks, self._sched
         running = len(sched.running) if sched else 0
         self._stats = EngineStats(
             running=running, waiting=len(sched.waiting) if sched else 0,

@@ -23,8 +23,8 @@ import dataclasses
 import logging
 import queue
 import threading
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
 
 from .sequence import Sequence
 from .types import GenerationEvent, TokenLogprob
@@ -59,8 +59,11 @@ class ErrorOut:
 
 
 def name_tokens(lp: TokenLogprob | None, token_text: Callable[[int], str]) -> TokenLogprob | None:
-    if lp is None:
-        return None
+    return None if lp is None else named(lp, token_text)
+
+
+def named(lp: TokenLogprob, token_text: Callable[[int], str]) -> TokenLogprob:
+    """The entry with its token texts filled in (the engine thread leaves them empty)."""
     return dataclasses.replace(lp, token=token_text(lp.token_id),
                                top=tuple((t, token_text(t), v) for t, _, v in lp.top))
 
@@ -119,7 +122,7 @@ class OutputProcessor:
                     ev = seq.append(item.token, name_tokens(item.logprob, self.token_text))
                 ev.queue_time = item.queue_time
                 if item.prompt_logprobs is not None:
-                    ev.prompt_logprobs = [name_tokens(lp, self.token_text) for lp in item.prompt_logprobs]
+                    ev.prompt_logprobs = [named(lp, self.token_text) for lp in item.prompt_logprobs]
                 if seq.finished and not item.finished:
                     self.on_stop(seq.request_id)
             by_loop.setdefault(item.sink.loop, []).append((item.sink.queue, ev))
@@ -130,7 +133,8 @@ class OutputProcessor:
                 pass
 
 
-async def events(request_id: str, queue: asyncio.Queue, abort: Callable[[str], None]) -> AsyncIterator[GenerationEvent]:
+async def events(request_id: str, queue: asyncio.Queue,
+                 abort: Callable[[str], None]) -> AsyncGenerator[GenerationEvent, None]:
     """One request's events from its queue, to its last; an error event is raised. A consumer that
     leaves early (the client is gone) aborts the request."""
     done = False

@@ -7,8 +7,9 @@ and `FakeEngine` (deterministic, for tests) implement them.
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..lora.blend import BlendSpec
 from ..lora.weights import AdapterInfo
@@ -47,6 +48,11 @@ class Engine(Protocol):
         ...
 
     @property
+    def stalled(self) -> bool:
+        """True when the engine loop has not come round for `engine.stall_timeout_s` (a watchdog)."""
+        ...
+
+    @property
     def tokenizer(self) -> PromptTokenizer:
         """Raises NotReady before the model is loaded."""
         ...
@@ -62,7 +68,7 @@ class Engine(Protocol):
         """Return once ready; raise the load error if loading failed."""
         ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    def submit(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Submit a request; yield its events as tokens are produced.
 
         Leaving the iterator early (client gone) aborts the request. Raises

@@ -24,7 +24,9 @@ from ..errors import ConfigError
 from ..lora.pool import LoraBatch, LoraPool
 from ..lora.slots import AdapterSlots
 from ..model import LoadedModel
-from .attention import BACKENDS as ATTENTION, NAME as ATTN_NAME, AttnBatch, KVPool, SeqSpan, StepContext, register
+from .attention import BACKENDS as ATTENTION
+from .attention import NAME as ATTN_NAME
+from .attention import AttnBatch, KVPool, SeqSpan, StepContext, register
 from .graphs import DecodeGraphs
 
 log = logging.getLogger("loraplex.runner")
@@ -119,14 +121,19 @@ class ModelRunner:
         """The packed step (any mix of prompt chunks and decodes), never a graph."""
         # Mixes last: their segments overlap (one per source over the same tokens).
         order = sorted(range(len(items)), key=lambda i: (bool(items[i].mix), items[i].slot))
-        ids, pos, slot_map, spans, segments, keep = [], [], [], [], [], {}
+        ids: list[int] = []
+        pos: list[int] = []
+        slot_map: list[torch.Tensor] = []
+        spans: list[SeqSpan] = []
+        segments: list[tuple[int, int, int, float]] = []   # (slot, start, end, weight) over the flat tokens
+        keep: dict[int, range] = {}
         t = 0
         for i in order:
             it = items[i]
             n = len(it.tokens)
-            ctx = self._slots(it.block_table, it.pos + n)
-            spans.append(SeqSpan(t, n, it.pos, ctx.to(self.device)))
-            slot_map.append(ctx[it.pos:])
+            seq_slots = self._slots(it.block_table, it.pos + n)
+            spans.append(SeqSpan(t, n, it.pos, seq_slots.to(self.device)))
+            slot_map.append(seq_slots[it.pos:])
             ids.extend(it.tokens)
             pos.extend(range(it.pos, it.pos + n))
             if it.slot >= 0:

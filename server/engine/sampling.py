@@ -18,14 +18,14 @@ global generator.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .grammar import apply_masks
 from .types import SamplingParams, TokenLogprob
-
 
 NO_TOKEN = -1
 
@@ -96,7 +96,8 @@ def _mask_stops_before_min_tokens(logits: torch.Tensor, rows: list[RowState]) ->
             logits[i, idx] = float("-inf")
 
 
-def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor,
+                        top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort once; mask what top-k and top-p exclude. Returns (sorted logits, their ids).
 
     scaled: (S, V); top_k: (S,) long, 0 = off; top_p: (S,) float in (0, 1].
@@ -199,9 +200,9 @@ def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], k: int) -> list[T
     ids = torch.tensor(next_ids, dtype=torch.long, device=lp.device)
     chosen = lp.gather(1, ids.unsqueeze(1)).squeeze(1)
     ranks = (lp > chosen.unsqueeze(1)).sum(dim=-1) + 1
-    top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (None, None)
+    top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())   # (n, k)
     out = []
     for j, (tid, v, rank) in enumerate(zip(next_ids, chosen.tolist(), ranks.tolist())):
-        top = tuple((t, "", x) for t, x in zip(top_i[j].tolist(), top_v[j].tolist())) if k > 0 else ()
+        top = tuple((t, "", x) for t, x in zip(top_i[j].tolist(), top_v[j].tolist()))
         out.append(TokenLogprob(tid, "", v, top, rank))
     return out

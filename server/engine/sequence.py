@@ -9,7 +9,7 @@ tested once, without a model.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from .detokenize import Decoder, IncrementalDetokenizer
 from .types import GenerationEvent, GenerationRequest, SamplingParams, TokenLogprob

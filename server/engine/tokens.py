@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..errors import InvalidRequest
-
 
 _MARK = "\ue000loraplex-content-{}\ue000"   # private-use characters: no template writes them
 _MARKS = re.compile("\ue000loraplex-content-(\\d+)\ue000")
@@ -36,7 +36,7 @@ class HFPromptTokenizer:
                      if getattr(t, "special", False)}
         self._specials = sorted(s for s in specials if s)
 
-    def clone(self) -> "HFPromptTokenizer":
+    def clone(self) -> HFPromptTokenizer:
         """A private copy: the engine thread decodes while API threads encode,
         and a Rust tokenizer shared across threads can fail with 'Already borrowed'."""
         return HFPromptTokenizer(copy.deepcopy(self.tok), self.content_as_text)

@@ -57,8 +57,9 @@ class BlendSpec:
                 "combination_type": self.combination_type, "density": self.density}
 
     @classmethod
-    def from_recipe(cls, r: dict[str, Any]) -> "BlendSpec":
-        return cls(tuple((a["name"], float(a["weight"])) for a in r["adapters"]), r["combination_type"], r.get("density"))
+    def from_recipe(cls, r: dict[str, Any]) -> BlendSpec:
+        return cls(tuple((a["name"], float(a["weight"])) for a in r["adapters"]), r["combination_type"],
+                   r.get("density"))
 
 
 def check_spec(spec: BlendSpec, ranks: dict[str, int]) -> None:

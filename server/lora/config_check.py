@@ -18,7 +18,8 @@ It knows PEFT's config field names, not tensors or models.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import InvalidAdapter
 

@@ -38,11 +38,14 @@ It knows shapes and slots; never requests, names or files (`server/lora/slots.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
+
+from ..config import LORA_BACKENDS
 
 LINEAR_TYPES = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
 
@@ -87,6 +90,11 @@ class PoolLayer:
         self.B: torch.Tensor | None = None
         self._sel: tuple | None = None  # (key, A_sel, B_sel) for "gathered", valid until a load
 
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B), each (slots + 1, r_cap, in / out); allocated at the first write that targets the layer."""
+        assert self.A is not None and self.B is not None, f"{self.path}: no slot holds weights for it"
+        return self.A, self.B
+
     def targeted(self, segments: list[tuple]) -> list[tuple]:
         rank = self.rank
         return [seg for seg in segments if rank[seg[0]]]
@@ -95,7 +103,7 @@ class PoolLayer:
 class SlotLinear(nn.Module):
     """A base linear layer plus the LoRA deltas of the step's slots."""
 
-    def __init__(self, base: nn.Module, layer: PoolLayer, pool: "LoraPool"):
+    def __init__(self, base: nn.Module, layer: PoolLayer, pool: LoraPool):
         super().__init__()
         self.base = base
         self.layer = layer
@@ -123,8 +131,8 @@ class SlotLinear(nn.Module):
 
 class LoraPool:
     def __init__(self, slots: int, dtype: torch.dtype, device: torch.device, backend: str = "auto"):
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"unknown LoRA backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+        if backend not in LORA_BACKENDS:  # the config's list, which names each of BACKENDS
+            raise ValueError(f"unknown LoRA backend {backend!r}; valid: {', '.join(LORA_BACKENDS)}")
         self.slots, self.dtype, self.device, self.backend = slots, dtype, device, backend
         self.r_cap = 0
         self.version = 0                      # grows when any buffer is replaced (captured graphs go stale)
@@ -134,9 +142,9 @@ class LoraPool:
     # -- wrapping, once at start-up ------------------------------------------------------------
     def wrap(self, model: nn.Module, exclude: set[int]) -> None:
         """Wrap every linear-like module of `model` (except those whose id is in `exclude`)."""
-        targets = [(n, m) for n, m in model.named_modules() if features(m) is not None and id(m) not in exclude]
-        for name, module in targets:
-            fin, fout = features(module)
+        targets = [(n, m, f) for n, m in model.named_modules()
+                   if (f := features(m)) is not None and id(m) not in exclude]
+        for name, module, (fin, fout) in targets:
             layer = PoolLayer(name, fin, fout, self.slots)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -150,10 +158,11 @@ class LoraPool:
             new *= 2
         for layer in self.layers.values():
             if layer.A is not None:
-                A = layer.A.new_zeros((self.slots + 1, new, layer.fin))
-                B = layer.B.new_zeros((self.slots + 1, new, layer.fout))
-                A[:, :self.r_cap] = layer.A
-                B[:, :self.r_cap] = layer.B
+                old_a, old_b = layer.buffers()
+                A = old_a.new_zeros((self.slots + 1, new, layer.fin))
+                B = old_b.new_zeros((self.slots + 1, new, layer.fout))
+                A[:, :self.r_cap] = old_a
+                B[:, :self.r_cap] = old_b
                 layer.A, layer.B, layer._sel = A, B, None
         self.r_cap = new
         self.version += 1
@@ -168,8 +177,9 @@ class LoraPool:
             w = weights.get(path)
             if w is None:
                 if layer.A is not None and layer.rank[slot]:
-                    layer.A[slot].zero_()
-                    layer.B[slot].zero_()
+                    A, B = layer.buffers()
+                    A[slot].zero_()
+                    B[slot].zero_()
                     layer._sel = None
                 layer.rank[slot] = 0
                 continue
@@ -179,10 +189,11 @@ class LoraPool:
                 layer.B = torch.zeros((self.slots + 1, self.r_cap, layer.fout), dtype=self.dtype, device=self.device)
                 self.version += 1
             r = a.shape[0]
-            layer.A[slot].zero_()
-            layer.B[slot].zero_()
-            layer.A[slot, :r] = a.to(device=self.device, dtype=self.dtype)
-            layer.B[slot, :r] = b.to(device=self.device, dtype=self.dtype)
+            A, B = layer.buffers()
+            A[slot].zero_()
+            B[slot].zero_()
+            A[slot, :r] = a.to(device=self.device, dtype=self.dtype)
+            B[slot, :r] = b.to(device=self.device, dtype=self.dtype)
             layer.rank[slot] = r
             layer._sel = None
 
@@ -214,8 +225,9 @@ class LoraPool:
     def per_token(self, layer: PoolLayer, x2: torch.Tensor, out2: torch.Tensor, token_slots: torch.Tensor) -> None:
         """y[t] += B[s(t)]^T @ (A[s(t)] @ x[t]) for every token, at the full r_cap (zero-padded ranks
         add zeros; base tokens read the zero slot): fixed shapes, no host work, capturable."""
-        a = layer.A.index_select(0, token_slots)                       # (T, r, in)
-        b = layer.B.index_select(0, token_slots)                       # (T, r, out)
+        A, B = layer.buffers()
+        a = A.index_select(0, token_slots)                             # (T, r, in)
+        b = B.index_select(0, token_slots)                             # (T, r, out)
         h = torch.bmm(a, x2.to(self.dtype).unsqueeze(-1))              # (T, r, 1)
         delta = torch.bmm(h.transpose(1, 2), b).squeeze(1)            # (T, out)
         out2.add_(delta.to(out2.dtype))
@@ -224,15 +236,16 @@ class LoraPool:
 def _loop(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
     for slot, s, e, w in segs:
         r = layer.rank[slot]
-        A, B = layer.A[slot, :r], layer.B[slot, :r]
+        A, B = (w[slot, :r] for w in layer.buffers())
         for t in range(s, e):
             out2[t] += w * (B.T @ (A @ x2[t]))
 
 
 def _segments(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
+    A, B = layer.buffers()
     for slot, s, e, w in segs:
         r = layer.rank[slot]
-        out2[s:e].addmm_(torch.mm(x2[s:e], layer.A[slot, :r].T), layer.B[slot, :r], alpha=w)
+        out2[s:e].addmm_(torch.mm(x2[s:e], A[slot, :r].T), B[slot, :r], alpha=w)
 
 
 def _gathered(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
@@ -241,9 +254,10 @@ def _gathered(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
     r = max(layer.rank[s] for s in slots)
     sel = layer._sel
     if sel is None or sel[0] != (slots, r):
-        idx = torch.tensor(slots, dtype=torch.long, device=layer.A.device)
-        a_sel = layer.A.index_select(0, idx)[:, :r].transpose(1, 2)   # (n, in, r)
-        b_sel = layer.B.index_select(0, idx)[:, :r].contiguous()      # (n, r, out)
+        A, B = layer.buffers()
+        idx = torch.tensor(slots, dtype=torch.long, device=A.device)
+        a_sel = A.index_select(0, idx)[:, :r].transpose(1, 2)         # (n, in, r)
+        b_sel = B.index_select(0, idx)[:, :r].contiguous()            # (n, r, out)
         sel = layer._sel = ((slots, r), a_sel, b_sel)
     _, a_sel, b_sel = sel
     n = len(segs)
@@ -262,7 +276,9 @@ def _gathered(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
         return
 
     def build():
-        gather, src, dst = [], [], []
+        gather: list[int] = []
+        src: list[int] = []
+        dst: list[int] = []
         pad = batch.tokens                      # index of the zero row appended below
         for i, (_, s, e, _w) in enumerate(segs):
             rows = list(range(s, e))

@@ -3,7 +3,8 @@
 Owns: turning a validated PEFT folder (`weights.read_adapter`) into per-layer slot weights
 (A (r, in), scale * B^T (r, out), with PEFT's own scaling: lora_alpha / r, / sqrt(r) with rsLoRA,
 rank_pattern and alpha_pattern per module), refusing what the slot path does not compute exactly
-(a 422 naming the feature; the config itself is allow-listed before, by config_check.py), name -> slot and identity, a host tier of recently evicted adapters
+(a 422 naming the feature; the config itself is allow-listed before, by config_check.py),
+name -> slot and identity, a host tier of recently evicted adapters
 (their prepared tensors kept in RAM, so a reload skips the disk), and blends: PEFT's
 `add_weighted_adapter` run on a workbench, a throw-away module tree whose leaves are the base
 model's own linear layers, so that the serving model's tree is never touched.
@@ -194,9 +195,11 @@ class AdapterSlots:
         """A module tree with the model's paths whose leaves are the base's own linear layers
         (the modules the slots wrap): PEFT can inject into it without touching the model."""
         root = nn.Module()
-        root.name_or_path = getattr(self.model, "name_or_path", None)  # PEFT records it in the blend's config
+        # PEFT records it in the blend's config (setattr: nn.Module types attributes as tensors or modules)
+        setattr(root, "name_or_path", getattr(self.model, "name_or_path", None))  # noqa: B010
         for path in self.pool.layers:
             base = self.model.get_submodule(path).base
+            assert isinstance(base, nn.Module)
             node = root
             *parents, leaf = path.split(".")
             for p in parents:
@@ -234,6 +237,7 @@ class AdapterSlots:
             else:
                 peft.add_adapter(src, cfg)
             set_peft_model_state_dict(peft, files.tensors, adapter_name=src)
+        assert peft is not None, "a blend has at least one source (blend.check_spec)"
         build(peft, name, spec)
         peft.peft_config[name].task_type = self.loaded[spec.adapters[0][0]].files.config.task_type
         return peft

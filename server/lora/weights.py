@@ -75,6 +75,7 @@ def describe_adapter(folder: Path) -> AdapterInfo:
         raw = read_config_json(cfg_path)
         if not isinstance(raw, dict):
             raise InvalidAdapter(f"{cfg_path}: not a JSON object", code="invalid_config")
+        raw = dict(raw)  # a JSON object: str -> Any
         targets = raw.get("target_modules") or ()
         target_tuple = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
         return AdapterInfo(folder.resolve(), int(raw["r"]), float(raw.get("lora_alpha", raw["r"])), target_tuple,
@@ -93,10 +94,10 @@ def content_hash(folder: Path) -> str:
 
 def read_adapter(folder: Path, *, max_rank: int) -> AdapterFiles:
     """Validate and read a PEFT LoRA folder. Raises InvalidAdapter with the reason."""
+    import torch
     from peft import LoraConfig
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    import torch
 
     folder = Path(folder)
     if not folder.is_dir():

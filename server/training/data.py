@@ -149,7 +149,8 @@ def load_dataset(path: Path, tokenizer: Any, *, max_seq_len: int, eval_fraction:
     if not 0.0 <= eval_fraction < 1.0:
         raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     records, sha = read_records(path)
-    examples, too_long, shapes = [], [], {}
+    examples, too_long = [], []
+    shapes: dict[str, int] = {}
     skipped = truncated = 0
     for no, rec, shape in records:
         where = f"{path}:{no}"

@@ -23,9 +23,10 @@ import math
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -274,7 +275,7 @@ def train(opts: TrainOptions, model_cfg: ModelConfig, *, store: Path, cache_dir:
         "train_loss": train_loss, "train_loss_mean": float(result.training_loss),
         "eval_loss_before": eval_before, "eval_loss": eval_after,
         "train_seconds": round(time.time() - started, 1),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     path = _publish(model, card, store, opts.name, opts.replace)
     shutil.rmtree(work, ignore_errors=True)

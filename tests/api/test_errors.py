@@ -153,7 +153,8 @@ def test_api_keys(make_client):
     ("/v1/completions", '{"model": "fake-model", "prompt": "a\\ud800b", "max_tokens": 3}'),
     ("/v1/completions", '{"model": "fake-model", "prompt": ["ok", "a\\udfffb"], "max_tokens": 3}'),
     ("/v1/chat/completions", '{"model": "fake-model", "messages": [{"role": "user", "content": "a\\udc00b"}]}'),
-    ("/v1/chat/completions", '{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stop": "\\ud800"}'),
+    ("/v1/chat/completions",
+     '{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stop": "\\ud800"}'),
     ("/v1/responses", '{"model": "fake-model", "input": [{"role": "user", "content": "\\ud800"}]}'),
     ("/tokenize", '{"prompt": "a\\ud800"}'),
 ])

@@ -64,7 +64,8 @@ def test_neutral_values_and_ignored_fields_pass(client, route):
     ({"role": "assistant", "content": "", "function_call": {"name": "f", "arguments": "{}"}},
      "messages.1.function_call"),
     ({"role": "assistant", "content": "", "audio": {"id": "a1"}}, "messages.1.audio"),
-    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}, "messages.1.content"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
+     "messages.1.content"),
 ])
 def test_message_parts_that_would_be_dropped_are_refused(client, message, param):
     r = client.post("/v1/chat/completions", json={"model": "fake-model", "max_tokens": 4,
@@ -105,7 +106,8 @@ def test_every_ignored_field_says_why_and_the_readme_lists_every_field():
                 assert name in fields.IGNORED_WHY, name
             row = next(line for line in table.splitlines() if line.startswith(f"| `{route}`"))
             kind = "honoured" if rule == fields.HONOURED else "ignored" if rule == "ignored" else "refused"
-            cells = dict(zip(["route", "honoured", "refused", "ignored"], [c.strip() for c in row.strip("|").split("|")]))
+            cells = dict(zip(["route", "honoured", "refused", "ignored"],
+                             [c.strip() for c in row.strip("|").split("|")]))
             assert f"`{name}`" in cells[kind], (route, name, kind)
 
 

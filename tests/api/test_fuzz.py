@@ -13,6 +13,9 @@ from server.config import load_config
 from server.engine.fake import FakeEngine
 from tests.helpers import LiveApp
 
+# Child processes, a Ray cluster or a real model: in `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 CALLS = {"n": 0, "by_status": {}}
 
 

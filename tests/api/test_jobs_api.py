@@ -1,9 +1,13 @@
-"""/admin/train, /admin/exports and /admin/jobs on an app over the FakeEngine, with real child processes on the tiny model."""
+"""/admin/train, /admin/exports and /admin/jobs on an app over the FakeEngine, with real child
+processes on the tiny model."""
 
 import json
 import time
 
 import pytest
+
+# Child processes, a Ray cluster or a real model: in `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

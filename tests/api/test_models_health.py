@@ -3,11 +3,11 @@
 import asyncio
 
 import pytest
+from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import load_config
 from server.engine.fake import FakeEngine
-from fastapi.testclient import TestClient
 
 
 def test_models_lists_base_then_adapters(client, store_copy):

@@ -61,7 +61,8 @@ def test_a_forced_function_call_is_a_function_call_item(make_client):
     r = api_for(c).responses.create(model="fake-model", input="weather in Paris?", tools=[TOOL], max_output_tokens=50,
                                     tool_choice={"type": "function", "name": "get_weather"})
     [item] = r.output
-    assert item.type == "function_call" and item.name == "get_weather" and json.loads(item.arguments) == {"city": "Paris"}
+    assert item.type == "function_call" and item.name == "get_weather"
+    assert json.loads(item.arguments) == {"city": "Paris"}
     assert item.call_id.startswith("call_")
 
 

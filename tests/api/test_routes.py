@@ -34,13 +34,14 @@ def all_routes(app):
     for route in flat(app.routes):
         for method in sorted(getattr(route, "methods", None) or {"GET"}):
             if method != "HEAD":
-                yield route, method, route.path.replace("{name}", "alpha").replace("{job_id}", "nope").replace("{model_id:path}", "alpha")
+                path = route.path.replace("{name}", "alpha").replace("{job_id}", "nope")
+                yield route, method, path.replace("{model_id:path}", "alpha")
 
 
 def test_every_route_has_a_class_and_its_guard(make_client):
     app = make_client().app
     seen = set()
-    for route, _, path in all_routes(app):
+    for route, _, _path in all_routes(app):
         cls = route_class(route.path)
         assert cls is not None, f"{route.path} belongs to no route class: add it to api/deps.route_class"
         seen.add(cls)

@@ -52,7 +52,8 @@ def test_chat_stream_role_then_content(client):
         text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks
                        if c["choices"] and c["choices"][0]["index"] == i)
         assert text == "[beta] <user>yo\n<assistant>"
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2 * (len("[beta] <user>yo\n<assistant>") + 1)
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 2 * (len("[beta] <user>yo\n<assistant>") + 1)
 
 
 def test_stream_logprobs(client):

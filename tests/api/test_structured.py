@@ -25,7 +25,8 @@ CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "where?"
     ({"guided_grammar": 'root ::= "x"'}, Structured("grammar", 'root ::= "x"', param="guided_grammar")),
     ({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": False}},
      Structured("json_schema", json.dumps(SCHEMA), any_whitespace=True, param="structured_outputs.json")),
-    ({"structured_outputs": {"choice": ["x", "y"]}}, Structured("choice", '["x", "y"]', param="structured_outputs.choice")),
+    ({"structured_outputs": {"choice": ["x", "y"]}},
+     Structured("choice", '["x", "y"]', param="structured_outputs.choice")),
     ({"structured_outputs": {"json_object": True}}, Structured("json_object", param="structured_outputs.json_object")),
 ])
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])

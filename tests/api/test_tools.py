@@ -124,7 +124,8 @@ def test_history_with_calls_and_results_reaches_the_template(make_client):
 @pytest.mark.parametrize("choice,parser,reply", [
     ({"type": "function", "function": {"name": "get_weather"}}, "", '{"city": "Paris"}'),
     ("auto", "hermes", HERMES_REPLY),
-    ("required", "", '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_time", "parameters": {}}]'),
+    ("required", "",
+     '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_time", "parameters": {}}]'),
 ])
 def test_streamed_tool_calls_are_reassembled_by_the_openai_client(make_client, choice, parser, reply):
     c = scripted(make_client, reply, parser)

@@ -150,7 +150,7 @@ def test_loads_and_unloads_while_decoding_change_no_running_tokens(chunked, refe
         tasks = [asyncio.create_task(collect(chunked, r)) for r in reqs]
         while not chunked.stats().running:
             await asyncio.sleep(0.001)
-        for k in range(4):  # a higher rank than anything loaded: the slot buffers grow mid-stream too
+        for _k in range(4):  # a higher rank than anything loaded: the slot buffers grow mid-stream too
             await chunked.load_adapter("gamma", tmp_path / "gamma")
             await asyncio.sleep(0.005)
             await chunked.unload_adapter("gamma")

@@ -169,8 +169,9 @@ def test_redteam_a_grammar_that_dead_ends_fails_its_row_alone(engine):
     """`root ::= root` compiles yet allows no token: that row ends with a 400-class error, the rows
     beside it (greedy, sampled with a seed, another adapter) get exactly the tokens they get alone."""
     async def main():
-        dead = GenerationRequest("dead", engine.tokenizer.encode("hi"), SamplingParams(max_tokens=8),
-                                 "alpha", grammar=await engine.compile_structured(Structured("grammar", "root ::= root")))
+        grammar = await engine.compile_structured(Structured("grammar", "root ::= root"))
+        dead = GenerationRequest("dead", engine.tokenizer.encode("hi"), SamplingParams(max_tokens=8), "alpha",
+                                 grammar=grammar)
 
         async def events(r):
             try:

@@ -230,3 +230,33 @@ def test_issue15_finding2_a_poisoned_slot_changes_no_other_row(engine):
         assert asyncio.run(collect(batch(False))) == quiet  # and nothing lingers in the KV cache
     finally:
         asyncio.run(engine.unload_adapter("poison"))
+
+
+def test_a_failed_step_tells_clients_only_the_request_id_and_logs_the_cause(engine, monkeypatch, caplog):
+    """Issue 18: engine errors reached clients as `type(e).__name__: e` (paths, shapes, library
+    text). Now each request gets a generic engine_error naming its id; the detail is logged."""
+    from server.errors import LoraplexError
+
+    real = engine._runner.run
+
+    def broken(items):
+        raise RuntimeError("secret detail: /srv/weights/shard-3 shape (7, 9)")
+    monkeypatch.setattr(engine._runner, "run", broken)
+
+    async def one(rid):
+        try:
+            return [e async for e in engine.submit(req(engine, rid, "hello world"))]
+        except LoraplexError as e:
+            return e
+    with caplog.at_level("ERROR", logger="loraplex.engine"):
+        async def both():
+            return await asyncio.wait_for(asyncio.gather(one("r-1"), one("r-2")), 60)
+        errors = asyncio.run(both())
+    monkeypatch.setattr(engine._runner, "run", real)
+    for rid, err in zip(("r-1", "r-2"), errors):
+        assert isinstance(err, LoraplexError) and err.code == "engine_error"
+        assert rid in err.message and "secret" not in err.message
+    assert "secret detail" in caplog.text
+    async def after():
+        return [t for ev in [e async for e in engine.submit(req(engine, "after", "hello world"))] for t in ev.token_ids]
+    assert asyncio.run(after())  # and it serves on

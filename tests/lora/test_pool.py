@@ -165,3 +165,13 @@ def test_weighted_overlapping_segments_of_a_mix_equal_the_loop(peft_model, backe
     model, pool = slotted(peft_model, "loop")
     plain = forward(model, pool, ids, ["alpha", "__base__", "alpha"])
     assert not torch.allclose(outs["loop"][0, 5:10], plain.view(1, 15, -1)[0, 5:10], atol=1e-3)
+
+
+def test_the_configs_backend_names_are_the_pools():
+    """One list of backend names (server/config.py), each implemented here."""
+    from server.config import LORA_BACKENDS
+    from server.lora.pool import BACKENDS, LoraPool
+
+    assert set(LORA_BACKENDS) == {"auto", *BACKENDS}
+    with pytest.raises(ValueError, match="valid: auto"):
+        LoraPool(2, torch.float32, torch.device("cpu"), backend="nope")

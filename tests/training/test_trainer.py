@@ -14,6 +14,9 @@ from safetensors.torch import load_file
 from server.config import ModelConfig
 from server.training.trainer import TrainingError, TrainOptions, newest_complete_checkpoint, train, work_dir
 
+# Child processes, a Ray cluster or a real model: in `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
