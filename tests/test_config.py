@@ -61,6 +61,12 @@ def test_relative_paths_follow_the_config_file(tmp_path):
     ("", {"LORAPLEX_ENGINE__MAX_BATCH_SIZE": "0"}, "engine.max_batch_size"),
     ("", {"LORAPLEX_ADAPTERS__LOAD_AT_STARTUP": "perhaps"}, "adapters.load_at_startup"),
     ("", {"LORAPLEX_MODEL__QUANTIZATION": "int3"}, "model.quantization"),
+    # the pydantic sections (issue 18): a boolean is not a port, NaN is not a timeout, a TOML
+    # number is not a string, and a check across keys names where the values came from
+    ("[server]\nport = true\n", {}, "server.port"),
+    ("", {"LORAPLEX_SERVER__REQUEST_TIMEOUT_S": "nan"}, "server.request_timeout_s"),
+    ("[model]\nid = 5\n", {}, "model.id"),
+    ("", {"LORAPLEX_ENGINE__MAX_NUM_BATCHED_TOKENS": "8"}, "environment LORAPLEX_ENGINE__MAX_NUM_BATCHED_TOKENS"),
 ])
 def test_errors_name_the_key(tmp_path, text, env, needle):
     f = tmp_path / "c.toml"
