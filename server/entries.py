@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .errors import InvalidRequest
+from .errors import Conflict, InvalidRequest
 from .lora.blend import BlendSpec
 from .lora.weights import AdapterInfo
 
@@ -90,7 +90,12 @@ class NullObserver:
         pass
 
 
-def check_name(name: object, param: str = "name") -> str:
+def check_name(name: object, param: str = "name", base_id: str = "") -> str:
+    """The name, if an adapter may have it; with `base_id`, the base model's id is taken (requests
+    naming it get the base: an adapter there would be unreachable)."""
+    if base_id and name == base_id:
+        raise Conflict(f"{name!r} is the base model's id; choose another adapter name", param=param,
+                       code="name_is_base")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise InvalidRequest(
             f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter "

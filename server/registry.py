@@ -236,16 +236,10 @@ class Registry:
         log.info("loaded %s into memory in %.0f ms", e.name, 1000 * (time.perf_counter() - t0))
 
     # -- admin operations ----------------------------------------------------------
-    def _check_new_name(self, name: str) -> None:
-        check_name(name)
-        if name == self.base_id:  # requests naming it get the base: an adapter there is unreachable
-            raise Conflict(f"{name!r} is the base model's id; choose another adapter name", param="name",
-                           code="name_is_base")
-
     async def register(self, name: str, path: str | Path, *, pinned: bool = False,
                        replace: bool = False) -> tuple[Entry, bool]:
         """Register and load an adapter folder. Returns (entry, created)."""
-        self._check_new_name(name)
+        check_name(name, base_id=self.base_id)
         folder = self.resolve_folder(path)
         existing = self._entries.get(name)
         # Only a name already taken needs the hash now (is it the same content?); a new one gets
@@ -392,7 +386,7 @@ class Registry:
         return e
 
     async def create_blend(self, name: str, spec: BlendSpec, *, save: bool = False) -> tuple[Entry, bool]:
-        self._check_new_name(name)
+        check_name(name, base_id=self.base_id)
         existing = self._visible(name)
         if existing is not None:
             if existing.kind == "blend" and existing.recipe == spec:
@@ -469,7 +463,7 @@ class Registry:
         for r in records:
             folder = self.state.abs(r.path)
             try:
-                self._check_new_name(r.name)  # a store folder named like the base: listed as failed
+                check_name(r.name, base_id=self.base_id)  # a store folder named like the base: listed as failed
                 inside = self.resolve_folder(folder)  # a folder or a file leading outside the roots: refused
                 info = describe_adapter(inside)
                 if r.sha256 and info.sha256 != r.sha256:

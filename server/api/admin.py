@@ -7,6 +7,8 @@ inference API never changes the registry; only these routes do.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,7 +59,7 @@ class VllmUnload(BaseModel):
     lora_name: str
 
 
-def entry_json(e: Entry) -> dict:
+def entry_json(e: Entry) -> dict[str, Any]:
     return {
         "name": e.name, "kind": e.kind, "path": str(e.path) if e.path else None, "rank": e.info.rank,
         "alpha": e.info.alpha, "target_modules": list(e.info.target_modules), "size_bytes": e.info.size_bytes,
@@ -73,35 +75,35 @@ def _answer(entry: Entry, created: bool) -> JSONResponse:
 
 
 @router.get("/admin/adapters")
-async def list_adapters(state: AppState = Depends(require_admin)):
+async def list_adapters(state: AppState = Depends(require_admin)) -> Any:
     failed = [{"name": n, "path": p, "reason": why} for n, (p, why) in sorted(state.registry.failed.items())]
     return {"object": "list", "data": [entry_json(e) for e in state.registry.entries()], "failed": failed}
 
 
 @router.get("/admin/adapters/{name}")
-async def get_adapter(name: str, state: AppState = Depends(require_admin)):
+async def get_adapter(name: str, state: AppState = Depends(require_admin)) -> Any:
     return entry_json(state.registry.get(name))
 
 
 @router.post("/admin/adapters")
-async def load_adapter(body: LoadBody, state: AppState = Depends(require_admin)):
+async def load_adapter(body: LoadBody, state: AppState = Depends(require_admin)) -> Any:
     entry, created = await state.registry.register(body.name, body.path, pinned=body.pinned, replace=body.replace)
     return _answer(entry, created)
 
 
 @router.delete("/admin/adapters/{name}")
-async def unload_adapter(name: str, state: AppState = Depends(require_admin)):
+async def unload_adapter(name: str, state: AppState = Depends(require_admin)) -> Any:
     entry = await state.registry.unregister(name)
     return {"name": entry.name, "deleted": True}
 
 
 @router.patch("/admin/adapters/{name}")
-async def pin_adapter(name: str, body: PinBody, state: AppState = Depends(require_admin)):
+async def pin_adapter(name: str, body: PinBody, state: AppState = Depends(require_admin)) -> Any:
     return entry_json(await state.registry.set_pinned(name, body.pinned))
 
 
 @router.post("/admin/blends")
-async def create_blend(body: BlendBody, state: AppState = Depends(require_admin)):
+async def create_blend(body: BlendBody, state: AppState = Depends(require_admin)) -> Any:
     spec = BlendSpec(tuple((p.name, p.weight) for p in body.adapters), body.combination_type, body.density)
     entry, created = await state.registry.create_blend(body.name, spec, save=body.save)
     return _answer(entry, created)
@@ -110,7 +112,7 @@ async def create_blend(body: BlendBody, state: AppState = Depends(require_admin)
 # vLLM's aliases answer as vLLM does where a script would notice: 200 with a line of text on
 # success, 400 for a name already loaded with other content, 404 for unloading an unknown name.
 @router.post("/v1/load_lora_adapter")
-async def vllm_load(body: VllmLoad, state: AppState = Depends(require_admin)):
+async def vllm_load(body: VllmLoad, state: AppState = Depends(require_admin)) -> Any:
     try:
         await state.registry.register(body.lora_name, body.lora_path, replace=body.load_inplace)
     except Conflict as e:
@@ -119,6 +121,6 @@ async def vllm_load(body: VllmLoad, state: AppState = Depends(require_admin)):
 
 
 @router.post("/v1/unload_lora_adapter")
-async def vllm_unload(body: VllmUnload, state: AppState = Depends(require_admin)):
+async def vllm_unload(body: VllmUnload, state: AppState = Depends(require_admin)) -> Any:
     await state.registry.unregister(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -48,7 +48,8 @@ class AppState:
 
 
 def get_state(request: Request) -> AppState:
-    return request.app.state.loraplex
+    state: AppState = request.app.state.loraplex
+    return state
 
 
 def bearer(request: Request) -> str | None:

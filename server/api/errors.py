@@ -9,6 +9,7 @@ and anything unexpected (500, the only status a client can never cause).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,11 +38,11 @@ _HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                429: "rate_limit_error", 503: "service_unavailable_error"}
 
 
-def body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+def body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def describe(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
+def describe(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, error body, extra headers) for any exception."""
     if isinstance(exc, E.LoraplexError):
         for cls in type(exc).__mro__:
@@ -85,21 +86,21 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(E.LoraplexError)
-    async def _ours(request: Request, exc: E.LoraplexError):
+    async def _ours(request: Request, exc: E.LoraplexError) -> Any:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError) -> Any:
         message, param = _validation_message(exc)
         return JSONResponse(body(message, "invalid_request_error", param, "invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException) -> Any:
         detail = exc.detail if isinstance(exc.detail, str) else "request refused"
         return JSONResponse(body(detail, _HTTP_TYPES.get(exc.status_code, "invalid_request_error")),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception) -> Any:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(exc)

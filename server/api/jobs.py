@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
@@ -108,7 +108,7 @@ def _train_argv(state: AppState, body: TrainBody, data: Path) -> list[str]:
 
 
 @router.post("/admin/train")
-async def start_training(body: TrainBody, state: AppState = Depends(require_admin)):
+async def start_training(body: TrainBody, state: AppState = Depends(require_admin)) -> Any:
     jobs = _jobs(state)
     check_name(body.name)
     bad = [t for t in body.target_modules or [] if not re.match(TARGET_RE, t)]
@@ -127,7 +127,7 @@ async def start_training(body: TrainBody, state: AppState = Depends(require_admi
         raise Conflict(f"a training job for {body.name!r} is already queued or running", param="name",
                        code="job_exists")
 
-    async def register(job: Job) -> dict:
+    async def register(job: Job) -> dict[str, Any]:
         entry, _ = await state.registry.register(body.name, body.name, replace=body.replace)
         return {"adapter": entry_json(entry)}
 
@@ -136,7 +136,7 @@ async def start_training(body: TrainBody, state: AppState = Depends(require_admi
 
 
 @router.post("/admin/exports")
-async def start_export(body: ExportBody, state: AppState = Depends(require_admin)):
+async def start_export(body: ExportBody, state: AppState = Depends(require_admin)) -> Any:
     jobs = _jobs(state)
     check_name(body.name)
     entry = state.registry.get(body.adapter)
@@ -160,17 +160,17 @@ async def start_export(body: ExportBody, state: AppState = Depends(require_admin
 
 
 @router.get("/admin/jobs")
-async def list_jobs(state: AppState = Depends(require_admin)):
+async def list_jobs(state: AppState = Depends(require_admin)) -> Any:
     return {"object": "list", "data": [j.public() for j in state.jobs.list()] if state.jobs else []}
 
 
 @router.get("/admin/jobs/{job_id}")
-async def get_job(job_id: str, state: AppState = Depends(require_admin)):
+async def get_job(job_id: str, state: AppState = Depends(require_admin)) -> Any:
     return _jobs_or_404(state).get(job_id).public()
 
 
 @router.delete("/admin/jobs/{job_id}")
-async def cancel_job(job_id: str, state: AppState = Depends(require_admin)):
+async def cancel_job(job_id: str, state: AppState = Depends(require_admin)) -> Any:
     return (await _jobs_or_404(state).cancel(job_id)).public()
 
 

@@ -36,12 +36,12 @@ def _entry(state: AppState, e: Entry, id_: str | None = None) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(state: AppState = Depends(require_inference)):
+async def list_models(state: AppState = Depends(require_inference)) -> Any:
     return {"object": "list", "data": [_base_entry(state)] + [_entry(state, e) for e in state.registry.entries()]}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, state: AppState = Depends(require_inference)):
+async def retrieve_model(model_id: str, state: AppState = Depends(require_inference)) -> Any:
     name = state.registry.resolve(model_id)
     return _base_entry(state) if name is None else _entry(state, state.registry.get(name), model_id)
 
@@ -66,7 +66,7 @@ def _check_model(state: AppState, model: str | None) -> None:
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, state: AppState = Depends(require_inference)):
+async def tokenize(body: TokenizeRequest, state: AppState = Depends(require_inference)) -> Any:
     _check_model(state, body.model)
     tok = state.engine.tokenizer
     if (body.prompt is None) == (body.messages is None):
@@ -84,13 +84,13 @@ async def tokenize(body: TokenizeRequest, state: AppState = Depends(require_infe
 
 
 @router.get("/tokenizer_info")
-async def tokenizer_info(state: AppState = Depends(require_inference)):
+async def tokenizer_info(state: AppState = Depends(require_inference)) -> Any:
     """vLLM's: the special tokens and limits (lm-evaluation-harness' remote tokenizer reads it)."""
     return {**state.engine.tokenizer.special_tokens(), "model_max_length": state.engine.context_length}
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, state: AppState = Depends(require_inference)):
+async def detokenize(body: DetokenizeRequest, state: AppState = Depends(require_inference)) -> Any:
     _check_model(state, body.model)
     tok = state.engine.tokenizer
     if any(not 0 <= t < tok.vocab_size for t in body.tokens):

@@ -14,6 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -95,7 +96,7 @@ async def _collect(request: Request, state: AppState, plan: Plan,
     return acc
 
 
-def _stream(state: AppState, plan: Plan, chunks: Callable, model: str, include_usage: bool,
+def _stream(state: AppState, plan: Plan, chunks: Callable[..., Any], model: str, include_usage: bool,
             streams: list[AsyncGenerator[GenerationEvent, None]], lease: Lease,
             record: RequestRecord) -> EventSourceResponse:
     async def events() -> AsyncIterator[str]:
@@ -111,8 +112,8 @@ def _stream(state: AppState, plan: Plan, chunks: Callable, model: str, include_u
     return EventSourceResponse(events(), ping=15, send_timeout=state.config.server.stream_idle_timeout_s or None)
 
 
-async def run_request(request: Request, state: AppState, body, planner: Callable, chunks: Callable, route: str,
-               forced: Structured | None = None):
+async def run_request(request: Request, state: AppState, body: Any, planner: Callable[..., Any],
+                      chunks: Callable[..., Any], route: str, forced: Structured | None = None) -> Any:
     """The shared flow of both routes; returns the stream response or the accumulated choices.
     `forced`: the constraint a forced tool call puts on the reply."""
     spec = structured_of(body)
@@ -154,7 +155,7 @@ async def run_request(request: Request, state: AppState, body, planner: Callable
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, state: AppState = Depends(require_inference)):
+async def completions(body: CompletionRequest, request: Request, state: AppState = Depends(require_inference)) -> Any:
     fields.check(body, "/v1/completions")
     plan, result = await run_request(request, state, body, plan_completion, completion_chunks, "/v1/completions")
     if not isinstance(result, list):
@@ -167,7 +168,7 @@ async def completions(body: CompletionRequest, request: Request, state: AppState
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           state: AppState = Depends(require_inference)):
+                           state: AppState = Depends(require_inference)) -> Any:
     fields.check(body, "/v1/chat/completions")
     tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, state.config.model.tool_parser)
     plan, result = await run_request(request, state, body, functools.partial(plan_chat, tools=tools), chat_chunks,

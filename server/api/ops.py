@@ -8,6 +8,8 @@ engine's watchdog says its loop has stalled.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -19,12 +21,12 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health():
+async def health() -> Any:
     return {"status": "ok"}
 
 
 @router.get("/ready")
-async def ready(request: Request):
+async def ready(request: Request) -> Any:
     state = get_state(request)
     if state.ready:
         return {"status": "ready", "model": state.engine.model_id}
@@ -35,5 +37,5 @@ async def ready(request: Request):
 
 
 @router.get("/metrics", dependencies=[Depends(require_metrics)])
-async def metrics(request: Request):
+async def metrics(request: Request) -> Any:
     return Response(get_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -169,7 +169,8 @@ def _call_item(call: dict[str, Any], status: str = "completed") -> dict[str, Any
 
 
 @router.post("/v1/responses")
-async def create_response(body: ResponsesRequest, request: Request, state: AppState = Depends(require_inference)):
+async def create_response(body: ResponsesRequest, request: Request,
+                          state: AppState = Depends(require_inference)) -> Any:
     fields.check(body, "/v1/responses")
     chat = to_chat(body)
     tools = plan_tools(chat.tools, chat.tool_choice, chat.parallel_tool_calls, state.config.model.tool_parser)
@@ -207,7 +208,7 @@ async def _events(rid: str, body: ResponsesRequest, plan: Plan, model: str,
     calls: dict[int, dict[str, Any]] = {}     # tool call index -> its output item
     completion, finish = 0, None
 
-    def open_text():
+    def open_text() -> list[dict[str, str]]:
         nonlocal text_item
         text_item = _message_item("", "in_progress")
         output.append(text_item)

@@ -39,7 +39,7 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     @model_validator(mode="after")
-    def _no_lone_surrogates(self):
+    def _no_lone_surrogates(self) -> _Wire:
         # Nested wire models check their own fields; this walks this model's plain values.
         values = [v for v in self.__dict__.values() if not isinstance(v, BaseModel)]
         if _has_lone_surrogate(values) or _has_lone_surrogate(self.model_extra or {}):
@@ -58,7 +58,7 @@ class AdapterWeight(_Wire):
 
 class JsonSchemaFormat(_Wire):
     name: str | None = None
-    schema_: dict | None = Field(None, alias="schema")
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
     description: str | None = None
 
@@ -71,7 +71,7 @@ class ResponseFormat(_Wire):
 class StructuredOutputs(_Wire):
     """vLLM's `structured_outputs` (the successor of its `guided_*` fields)."""
 
-    json_: dict | str | None = Field(None, alias="json")
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
     regex: str | None = None
     choice: list[str] | None = Field(None, min_length=1)
     grammar: str | None = None
@@ -107,7 +107,7 @@ class SamplingFields(_Wire):
     # structured outputs: OpenAI's field and vLLM's (see server/api/structured.py)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
-    guided_json: dict | str | None = None
+    guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
@@ -152,7 +152,7 @@ class ChatMessage(_Wire):
 class FunctionDef(_Wire):
     name: str = Field(min_length=1)
     description: str | None = None
-    parameters: dict | None = None
+    parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 

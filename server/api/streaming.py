@@ -29,7 +29,7 @@ async def merge(streams: Sequence[AsyncIterator[GenerationEvent]]) -> AsyncItera
     Each stream is pumped by its own task. Leaving this generator (client gone,
     error) cancels the tasks, which closes each stream and so aborts its request.
     """
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncIterator[GenerationEvent]) -> None:
         try:

@@ -70,8 +70,8 @@ def _encode(kind: str, value: Any, param: str) -> str:
         if any(not c for c in value):
             raise InvalidRequest(f"{param}: choices must not be empty strings", param=param)
         return json.dumps(list(value))
-    if not value:
-        raise InvalidRequest(f"{param} must not be empty", param=param)
+    if not value or not isinstance(value, str):
+        raise InvalidRequest(f"{param} must be a non-empty string", param=param)
     return value
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 NAME = "loraplex_paged"
 
@@ -70,7 +71,7 @@ class SeqSpan:
 class _StepMemo:
     """Per-step index and mask tensors, built once and shared by every layer of the step."""
 
-    _masks: dict
+    _masks: dict[Any, torch.Tensor]
 
     def flat(self, slots: torch.Tensor, kv_heads: int, num_slots: int) -> torch.Tensor:
         """Rows of the pool viewed as (kv_heads * slots, d) for these slots, head by head: a gather
@@ -96,8 +97,8 @@ class AttnBatch(_StepMemo):
     spans: list[SeqSpan]
     device: torch.device
     pad_slot: int                   # the pool's never-written zero slot
-    _masks: dict = field(default_factory=dict)
-    _decode: tuple | None = None
+    _masks: dict[Any, torch.Tensor] = field(default_factory=dict)
+    _decode: tuple[Any, ...] | None = None
 
     def decode_gather(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
                                      torch.Tensor | None, list[SeqSpan]]:
@@ -152,7 +153,7 @@ def _span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: SeqSpa
     return out[0].transpose(0, 1)
 
 
-def reference(q, k, v, batch: AttnBatch, scaling: float, window: int | None) -> torch.Tensor:
+def reference(q: Tensor, k: Tensor, v: Tensor, batch: AttnBatch, scaling: float, window: int | None) -> Tensor:
     """q (heads, T, d) -> (T, heads, d), one sequence at a time."""
     out = q.new_empty((q.shape[1], q.shape[0], q.shape[2]))
     for s in batch.spans:
@@ -161,7 +162,8 @@ def reference(q, k, v, batch: AttnBatch, scaling: float, window: int | None) -> 
     return out
 
 
-def _decode_rows(qr, k, v, slots, kpos, qpos, batch, scaling: float, window: int | None) -> torch.Tensor:
+def _decode_rows(qr: Tensor, k: Tensor, v: Tensor, slots: Tensor, kpos: Tensor, qpos: Tensor, batch: _StepMemo,
+                 scaling: float, window: int | None) -> Tensor:
     """B single-token queries qr (heads, B, d) over their padded key slots (B, L) (key positions
     kpos, -1 on padding; query positions qpos (B,)) -> (B, heads, d). Fixed shapes, no host work."""
     n, width = slots.shape
@@ -181,10 +183,11 @@ def _decode_rows(qr, k, v, slots, kpos, qpos, batch, scaling: float, window: int
     return o.permute(1, 0, 2, 3).reshape(n, kvh * rep, d)
 
 
-def batched(q, k, v, batch: AttnBatch, scaling: float, window: int | None) -> torch.Tensor:
+def batched(q: Tensor, k: Tensor, v: Tensor, batch: AttnBatch, scaling: float, window: int | None) -> Tensor:
     out = q.new_empty((q.shape[1], q.shape[0], q.shape[2]))
     rows, slots, kpos, qpos, rest = batch.decode_gather()
     if rows is not None:
+        assert slots is not None and kpos is not None and qpos is not None
         out[rows] = _decode_rows(q.index_select(1, rows), k, v, slots, kpos, qpos, batch, scaling, window)
     for s in rest:
         out[s.start:s.start + s.length] = _span_attention(q[:, s.start:s.start + s.length], k, v, s, batch,
@@ -206,10 +209,10 @@ class DecodeBatch(_StepMemo):
     slots: torch.Tensor             # (B, L) long, padded with the pool's zero slot
     kpos: torch.Tensor              # (B, L) long, -1 on padding
     qpos: torch.Tensor              # (B,) long
-    _masks: dict = field(default_factory=dict)
+    _masks: dict[Any, torch.Tensor] = field(default_factory=dict)
 
 
-def static_decode(q, k, v, batch: DecodeBatch, scaling: float, window: int | None) -> torch.Tensor:
+def static_decode(q: Tensor, k: Tensor, v: Tensor, batch: DecodeBatch, scaling: float, window: int | None) -> Tensor:
     """The "batched" decode math over a DecodeBatch: every row of q (heads, B, d) is a decode."""
     return _decode_rows(q, k, v, batch.slots, batch.kpos, batch.qpos, batch, scaling, window)
 

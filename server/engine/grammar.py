@@ -41,7 +41,7 @@ class Structured:
     param: str = "response_format"  # the request field it came from, for error messages
 
 
-def _xgr():
+def _xgr() -> Any:
     import xgrammar  # imported on first use: importing it costs a second
 
     return xgrammar

@@ -52,7 +52,7 @@ class _Bucket:
     graph: Any = None               # torch.cuda.CUDAGraph once captured
     logits: torch.Tensor | None = None  # the graph's output buffer (rows, vocab)
     version: int = -1               # the LoRA pool's version at capture
-    keep: list = field(default_factory=list)  # the LoRA buffers the graph reads, kept alive
+    keep: list[tuple[Any, Any]] = field(default_factory=list)  # the LoRA buffers the graph reads, kept alive
 
 
 class DecodeGraphs:
@@ -84,7 +84,8 @@ class DecodeGraphs:
         b = self._buckets.get((rows, width))
         if b is None:
             dev = self.runner.device
-            z = lambda *shape: torch.zeros(shape, dtype=torch.long, device=dev)  # noqa: E731
+            def z(*shape: int) -> torch.Tensor:
+                return torch.zeros(shape, dtype=torch.long, device=dev)
             b = self._buckets[(rows, width)] = _Bucket(rows, width, z(rows), z(rows), z(rows),
                                                        DecodeBatch(z(rows), z(rows, width), z(rows, width), z(rows)))
         return b
@@ -129,7 +130,8 @@ class DecodeGraphs:
                           loraplex_step=ctx)
         finally:
             r.pool.batch = None
-        return out.logits[0]
+        logits: torch.Tensor = out.logits[0]
+        return logits
 
     def _capture(self, b: _Bucket) -> None:
         # The loader thread may replace LoRA buffers while this runs: take the version and the
@@ -140,7 +142,7 @@ class DecodeGraphs:
         keep = [(layer.A, layer.B) for layer in pool.layers.values() if layer.A is not None]
         # As torch.cuda.graphs asks: warm up on a side stream first. The warm-up runs write the
         # step's keys and values, which the replay writes again, identically.
-        side = torch.cuda.Stream(self.runner.device)
+        side = torch.cuda.Stream(self.runner.device)  # type: ignore[no-untyped-call]  # torch leaves it untyped
         side.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(side):
             for _ in range(2):

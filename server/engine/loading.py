@@ -46,7 +46,7 @@ def pool_blocks(cfg: EngineConfig, model_cfg: ModelConfig, loaded: LoadedModel) 
     return max(1, memory // per_block)
 
 
-def file_key(folder: Path) -> tuple | None:
+def file_key(folder: Path) -> tuple[Any, ...] | None:
     """The host tier's key for an adapter folder: its files' paths, sizes and modification times."""
     try:
         parts = []

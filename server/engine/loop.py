@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -47,6 +48,7 @@ from .tokens import HFPromptTokenizer
 from .types import EngineStats, GenerationEvent, GenerationRequest
 
 log = logging.getLogger("loraplex.engine")
+T = TypeVar("T")
 
 
 class TorchEngine:
@@ -94,7 +96,7 @@ class TorchEngine:
         self._waiting: deque[Pending] = deque()
         self._active: set[str] = set()
         self._aborted: set[str] = set()
-        self._commands: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
+        self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         self._wakeup = threading.Event()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
@@ -200,7 +202,7 @@ class TorchEngine:
         return Grammars.from_tokenizer(self.tokenizer.clone().tok, vocab, self._eos)
 
     # -- adapters: prepared on the loader thread, installed between steps ----------------
-    async def _off_thread(self, fn: Callable[[], object]):
+    async def _off_thread(self, fn: Callable[[], T]) -> T:
         if not self.ready:
             raise NotReady("the engine is not serving (loading or shutting down)", code="not_ready")
         return await asyncio.get_running_loop().run_in_executor(self._loader_pool, fn)
@@ -218,14 +220,16 @@ class TorchEngine:
             runner.slots.install(name, prepared, identity=prepared.files.info.sha256)
             self._host_keys[name] = key
             return prepared
-        return (await self._off_thread(load)).files.info
+        info: AdapterInfo = (await self._off_thread(load)).files.info
+        return info
 
     async def create_blend(self, name: str, spec: BlendSpec, folder: Path) -> AdapterInfo:
         runner = self._runner_ready
 
         prepared, identity = await self._off_thread(lambda: prepare_blend(runner, name, spec, folder))
         await self._off_thread(lambda: runner.slots.install(name, prepared, identity=identity))
-        return prepared.files.info
+        info: AdapterInfo = prepared.files.info
+        return info
 
     async def unload_adapter(self, name: str) -> None:
         def work() -> None:
@@ -239,10 +243,10 @@ class TorchEngine:
                 self._runner_ready.slots.to_host(self._host_keys.pop(name, None), prepared)
         await self._command(work)
 
-    async def _command(self, fn: Callable[[], object]):
+    async def _command(self, fn: Callable[[], T]) -> T:
         if not self.ready:
             raise NotReady("the engine is not serving (loading or shutting down)", code="not_ready")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._lock:
             self._commands.append((fn, fut))
         self._wakeup.set()
@@ -398,7 +402,7 @@ class TorchEngine:
         self._report(step.num_tokens, t0)
         return True
 
-    def _sample_and_emit(self, lives: list[Live], logits, scored: list[Live], now: float) -> None:
+    def _sample_and_emit(self, lives: list[Live], logits: torch.Tensor, scored: list[Live], now: float) -> None:
         """One token per sequence that reached its last token; hand the step's tokens to the
         output thread in one batch; end the sequences a token rule finished (and the scored ones)."""
         batch: list[TokenOut | ErrorOut] = []

@@ -25,6 +25,7 @@ import queue
 import threading
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .sequence import Sequence
 from .types import GenerationEvent, TokenLogprob
@@ -37,7 +38,7 @@ class Sink:
     """Where one request's events go."""
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    queue: asyncio.Queue[Any]
 
 
 @dataclass
@@ -68,7 +69,7 @@ def named(lp: TokenLogprob, token_text: Callable[[int], str]) -> TokenLogprob:
                                top=tuple((t, token_text(t), v) for t, _, v in lp.top))
 
 
-def _deliver(items: list[tuple[asyncio.Queue, GenerationEvent]]) -> None:
+def _deliver(items: list[tuple[asyncio.Queue[Any], GenerationEvent]]) -> None:
     for q, ev in items:
         q.put_nowait(ev)
 
@@ -77,7 +78,7 @@ class OutputProcessor:
     def __init__(self, token_text: Callable[[int], str], on_stop: Callable[[str], None]):
         self.token_text = token_text
         self.on_stop = on_stop              # engine.abort: a stop string ended the request
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue[Any]()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -106,7 +107,7 @@ class OutputProcessor:
 
     def process(self, batch: list[TokenOut | ErrorOut]) -> None:
         """Turn one step's batch into events and deliver them (the output thread; tests call it directly)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, GenerationEvent]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], GenerationEvent]]] = {}
         for item in batch:
             if isinstance(item, ErrorOut):
                 ev = GenerationEvent(item.request_id, error=item.error)
@@ -133,7 +134,7 @@ class OutputProcessor:
                 pass
 
 
-async def events(request_id: str, queue: asyncio.Queue,
+async def events(request_id: str, queue: asyncio.Queue[Any],
                  abort: Callable[[str], None]) -> AsyncGenerator[GenerationEvent, None]:
     """One request's events from its queue, to its last; an error event is raised. A consumer that
     leaves early (the client is gone) aborts the request."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,7 +55,7 @@ class StepItem:
         return len(self.tokens) if self.all_logits else int(self.sample)
 
 
-def model_geometry(config) -> tuple[int, int, int]:
+def model_geometry(config: Any) -> tuple[int, int, int]:
     """(layers, kv heads, head dim) of a transformers config."""
     layers = int(config.num_hidden_layers)
     heads = int(config.num_attention_heads)
@@ -63,7 +64,7 @@ def model_geometry(config) -> tuple[int, int, int]:
     return layers, kv, head_dim
 
 
-def check_architecture(model) -> None:
+def check_architecture(model: Any) -> None:
     kind = getattr(model.config, "model_type", "?")
     if kind not in SUPPORTED:
         arch = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
@@ -156,7 +157,8 @@ class ModelRunner:
                              use_cache=False, logits_to_keep=rows, loraplex_step=ctx)
         finally:
             self.pool.batch = None
-        return out.logits[0]
+        logits: torch.Tensor = out.logits[0]
+        return logits
 
     # -- start-up check -------------------------------------------------------------------
     def self_check(self) -> float:

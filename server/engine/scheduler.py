@@ -32,7 +32,7 @@ class Budget:
     max_num_batched_tokens: int     # tokens computed in one step (decodes + prompt chunks)
     max_prefill_chunk: int          # most prompt tokens one sequence computes in one step
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs, or running sequences would "
                              "miss steps")

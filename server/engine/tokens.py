@@ -81,8 +81,8 @@ class HFPromptTokenizer:
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                 tools: list[dict[str, Any]] | None) -> str:
         try:
-            return self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                tokenize=False, tools=tools or None)
+            return str(self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                    tokenize=False, tools=tools or None))
         except Exception as e:  # jinja2 TemplateError and friends: the messages broke the template
             raise InvalidRequest(f"the chat template refused these messages: {e}", param="messages") from None
 
@@ -92,7 +92,7 @@ class HFPromptTokenizer:
                 "pad_token": t.pad_token, "unk_token": t.unk_token}
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return str(self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
     def token_text(self, token_id: int) -> str:
-        return self.tok.decode([token_id], skip_special_tokens=False)
+        return str(self.tok.decode([token_id], skip_special_tokens=False))

@@ -59,17 +59,22 @@ def features(module: Any) -> tuple[int, int] | None:
     return None
 
 
+# (slot, first token, end token, weight) over the step's flat tokens.
+Segment = tuple[int, int, int, float]
+Backend = Callable[["PoolLayer", torch.Tensor, torch.Tensor, list[Segment], "LoraBatch"], None]
+
+
 @dataclass
 class LoraBatch:
     """One step's adapter layout: contiguous token ranges per slot."""
 
-    segments: list[tuple]                   # (slot, start, end[, weight]), slots >= 0, starts non-decreasing
+    segments: list[Segment]                 # slots >= 0, starts non-decreasing (the weight may be left out)
     tokens: int
     device: torch.device
     token_slots: torch.Tensor | None = None  # (T,) long, the per-token path: then segments are unused
-    _cache: dict = field(default_factory=dict)
+    _cache: dict[Any, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.segments = [seg if len(seg) == 4 else (*seg, 1.0) for seg in self.segments]
 
     def memo(self, key: Any, build: Callable[[], Any]) -> Any:
@@ -88,14 +93,15 @@ class PoolLayer:
         self.rank = [0] * slots
         self.A: torch.Tensor | None = None
         self.B: torch.Tensor | None = None
-        self._sel: tuple | None = None  # (key, A_sel, B_sel) for "gathered", valid until a load
+        # (key, A_sel, B_sel) for "gathered", valid until a load
+        self._sel: tuple[Any, torch.Tensor, torch.Tensor] | None = None
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B), each (slots + 1, r_cap, in / out); allocated at the first write that targets the layer."""
         assert self.A is not None and self.B is not None, f"{self.path}: no slot holds weights for it"
         return self.A, self.B
 
-    def targeted(self, segments: list[tuple]) -> list[tuple]:
+    def targeted(self, segments: list[Segment]) -> list[Segment]:
         rank = self.rank
         return [seg for seg in segments if rank[seg[0]]]
 
@@ -110,7 +116,7 @@ class SlotLinear(nn.Module):
         self._pool = [pool]  # a list: not a submodule, not in state_dict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out: torch.Tensor = self.base(x)
         batch = self._pool[0].batch
         if batch is None or self.layer.A is None:
             return out
@@ -206,13 +212,13 @@ class LoraPool:
         return self.slots
 
     # -- compute ------------------------------------------------------------------------------
-    def choose(self, segs: list[tuple]) -> str:
+    def choose(self, segs: list[Segment]) -> str:
         if self.backend != "auto":
             return self.backend
         return "segments" if len(segs) <= 2 else "gathered"
 
     def compute(self, name: str, layer: PoolLayer, x2: torch.Tensor, out2: torch.Tensor,
-                segs: list[tuple], batch: LoraBatch) -> None:
+                segs: list[Segment], batch: LoraBatch) -> None:
         if x2.dtype != self.dtype:
             x2 = x2.to(self.dtype)
         if out2.dtype != self.dtype:  # accumulate in the pool's dtype, add back once
@@ -233,22 +239,22 @@ class LoraPool:
         out2.add_(delta.to(out2.dtype))
 
 
-def _loop(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
+def _loop(layer: PoolLayer, x2: torch.Tensor, out2: torch.Tensor, segs: list[Segment], batch: LoraBatch) -> None:
     for slot, s, e, w in segs:
         r = layer.rank[slot]
-        A, B = (w[slot, :r] for w in layer.buffers())
+        A, B = (buf[slot, :r] for buf in layer.buffers())
         for t in range(s, e):
             out2[t] += w * (B.T @ (A @ x2[t]))
 
 
-def _segments(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
+def _segments(layer: PoolLayer, x2: torch.Tensor, out2: torch.Tensor, segs: list[Segment], batch: LoraBatch) -> None:
     A, B = layer.buffers()
     for slot, s, e, w in segs:
         r = layer.rank[slot]
         out2[s:e].addmm_(torch.mm(x2[s:e], A[slot, :r].T), B[slot, :r], alpha=w)
 
 
-def _gathered(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
+def _gathered(layer: PoolLayer, x2: torch.Tensor, out2: torch.Tensor, segs: list[Segment], batch: LoraBatch) -> None:
     key = tuple(segs)
     slots = tuple(seg[0] for seg in segs)
     r = max(layer.rank[s] for s in slots)
@@ -275,7 +281,7 @@ def _gathered(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
         ob.baddbmm_(h if wt is None else h.mul_(wt), b_sel)
         return
 
-    def build():
+    def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         gather: list[int] = []
         src: list[int] = []
         dst: list[int] = []
@@ -295,4 +301,4 @@ def _gathered(layer: PoolLayer, x2, out2, segs, batch: LoraBatch) -> None:
     out2.index_add_(0, dst, delta.index_select(0, src))  # padding rows' outputs are never added
 
 
-BACKENDS: dict[str, Callable[..., None]] = {"loop": _loop, "segments": _segments, "gathered": _gathered}
+BACKENDS: dict[str, Backend] = {"loop": _loop, "segments": _segments, "gathered": _gathered}
