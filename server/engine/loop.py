@@ -8,8 +8,8 @@ go as one batch to the output thread (`output.py`), which detokenizes, finds sto
 wakes each request's asyncio queue, so neither the event loop nor the engine waits on the other.
 
 Why one thread: after the main thread has run a parallel torch op, forwards on another thread
-ran 1.5x slower here (docs/engine-threads.md); so the engine thread loads the model itself and does every
-forward. Reading, validating and preparing an adapter (and building a blend with PEFT), and its
+ran 1.5x slower here (docs/engine-threads.md); so the engine thread loads the model itself and
+does every forward. Reading, validating and preparing an adapter (and building a blend with PEFT), and its
 copy into a free LoRA slot, happen on a loader thread while the engine keeps stepping (no token
 reads a free slot; see server/lora/slots.py); unloading runs on the engine thread between steps.
 """
@@ -147,13 +147,15 @@ class TorchEngine:
 
     @property
     def _runner_ready(self) -> ModelRunner:
-        """The runner, for code that runs only after the model loaded (engine thread, loader)."""
-        assert self._runner is not None, "the model is not loaded"
+        """The runner, for code that runs after the model loaded (engine thread, loader, adapter calls)."""
+        if self._runner is None:  # an adapter call before the model is up: 503, as _off_thread says
+            raise NotReady("the model is still loading", code="not_ready")
         return self._runner
 
     @property
     def _kv_blocks(self) -> BlockManager:
-        assert self._blocks is not None, "the model is not loaded"
+        if self._blocks is None:
+            raise NotReady("the model is still loading", code="not_ready")
         return self._blocks
 
     # -- requests ------------------------------------------------------------------
@@ -415,7 +417,7 @@ class TorchEngine:
         if lives:
             # A row whose logits are not numbers (an adapter's weights gone bad) fails alone: the
             # sampler must never see it, or one tenant's row would fail the whole step.
-            bad = torch.isnan(logits).any(dim=-1).tolist()
+            bad = (~torch.isfinite(logits)).any(dim=-1).tolist()  # raw logits: NaN or an overflow to inf
             if any(bad):
                 keep = [i for i, b in enumerate(bad) if not b]
                 failed = [lv for lv, b in zip(lives, bad) if b]
@@ -424,13 +426,13 @@ class TorchEngine:
                 tenant = [lv for lv in failed if lv.pending.request.adapter or lv.pending.request.mix]
                 if tenant:
                     self._fail(tenant, InvalidAdapter(
-                        "the adapter's weights make the model produce NaN for this request (finite weights whose "
-                        "products overflow in the forward pass); the adapter needs smaller weights",
+                        "the adapter's weights make the model produce NaN or Inf logits for this request (finite "
+                        "weights whose products overflow in the forward pass); the adapter needs smaller weights",
                         code="non_finite_output"))
                 base = [lv for lv in failed if lv not in tenant]
                 if base:
-                    self._fail(base, LoraplexError("engine error: the model produced NaN for this request",
-                                                   code="engine_error"))
+                    self._fail(base, LoraplexError("engine error: the model produced NaN or Inf logits for this "
+                                                   "request", code="engine_error"))
                 lives, logits = [lives[i] for i in keep], logits[keep]
         if not lives:
             self._out.put(batch)

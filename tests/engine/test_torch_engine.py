@@ -260,3 +260,42 @@ def test_a_failed_step_tells_clients_only_the_request_id_and_logs_the_cause(engi
     async def after():
         return [t for ev in [e async for e in engine.submit(req(engine, "after", "hello world"))] for t in ev.token_ids]
     assert asyncio.run(after())  # and it serves on
+
+
+def test_redteam_an_adapter_whose_logits_overflow_to_inf_fails_alone(engine, monkeypatch):
+    """Finite weights can overflow to +inf logits (not NaN): the NaN check let such a row through
+    to the sampler, whose softmax then failed the whole step. Now any non-finite row fails alone
+    (422 non_finite_output) and the base and other-adapter rows beside it are unchanged."""
+    from server.errors import InvalidAdapter
+
+    real = engine._runner.run
+    poisoned = engine._runner.slots.slot_of["beta"]
+
+    def overflowing(items):
+        out = real(items).clone()   # an inference tensor: edited as a copy
+        rows = [it for it in items if it.rows]
+        assert all(it.rows == 1 for it in rows)   # short prompts: one sampled row per sequence
+        for j, it in enumerate(rows):
+            if it.slot == poisoned:
+                out[j] = float("inf")
+        return out
+
+    async def one(r):
+        try:
+            return [t for ev in [e async for e in engine.submit(r)] for t in ev.token_ids]
+        except InvalidAdapter as e:
+            return e
+
+    async def run(reqs):
+        return await asyncio.wait_for(asyncio.gather(*(one(r) for r in reqs)), 60)
+
+    def batch(tag):
+        return [req(engine, f"base-{tag}", "hello world", None, ignore_eos=True, temperature=1.0, seed=1),
+                req(engine, f"alpha-{tag}", "hello world", "alpha", ignore_eos=True),
+                req(engine, f"beta-{tag}", "hello world", "beta", ignore_eos=True, temperature=1.0)]
+    quiet = asyncio.run(run(batch("q")[:2]))
+    monkeypatch.setattr(engine._runner, "run", overflowing)
+    base, alpha, beta = asyncio.run(run(batch("p")))
+    monkeypatch.setattr(engine._runner, "run", real)
+    assert isinstance(beta, InvalidAdapter) and beta.code == "non_finite_output"
+    assert [base, alpha] == quiet
