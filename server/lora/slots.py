@@ -78,13 +78,20 @@ def prepare(name: str, files: Any, pool: LoraPool, model_modules: set[str]) -> P
     if not parts:
         raise InvalidAdapter(f"adapter {name!r}: none of its {len(files.tensors)} tensors matches a layer of this "
                              "base model", code="wrong_base")
-    missing = [p for p in pool.layers if p not in parts and check_target_module_exists(config, p)]
+    def targeted(module: str) -> bool:
+        # PEFT's "all-linear" (a hand-written config; PEFT saves the expanded names) is every linear
+        # layer but the output head: the pool's layers exactly.
+        if config.target_modules == "all-linear":
+            return module in pool.layers
+        return bool(check_target_module_exists(config, module))
+
+    missing = [p for p in pool.layers if p not in parts and targeted(p)]
     if missing:  # PEFT would give such a layer its own initial weights: not what was trained
         raise InvalidAdapter(f"adapter {name!r}: {len(missing)} targeted layers have no weights in the file "
                              f"(first: {missing[0]})", code="invalid_weights")
     # The converse: weights for a layer the config does not target (layers_to_transform,
     # exclude_modules, target_modules) are ones PEFT never applies; serving them would differ.
-    untargeted = [p for p in parts if not check_target_module_exists(config, p)]
+    untargeted = [p for p in parts if not targeted(p)]
     if untargeted:
         raise InvalidAdapter(f"adapter {name!r}: the file holds weights for {len(untargeted)} layers its config does "
                              f"not target (first: {untargeted[0]}; see target_modules, layers_to_transform, "
@@ -92,7 +99,7 @@ def prepare(name: str, files: Any, pool: LoraPool, model_modules: set[str]) -> P
     # A target outside the blocks' linear layers (lm_head, embed_tokens, a norm) gets a LoRA layer
     # from PEFT, initialised or refused by it; none is served here, so it is refused by name.
     outside = sorted(m for m in model_modules if m and m not in pool.layers and not _inside(m, pool.layers)
-                     and check_target_module_exists(config, m))
+                     and targeted(m))
     if outside:
         raise InvalidAdapter(f"adapter {name!r}: target_modules matches {outside[0]}"
                              f"{f' (and {len(outside) - 1} more)' if len(outside) > 1 else ''}, which is not a linear "

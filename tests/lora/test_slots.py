@@ -104,3 +104,19 @@ def test_layers_to_transform_with_its_own_layers_only_is_served():
         {"model.layers.0.self_attn.q_proj"}
     excl = files(only_one, target_modules=["q_proj"], exclude_modules=["model.layers.1.self_attn.q_proj"])
     assert set(prepare("a", excl, pool, modules).weights) == {"model.layers.0.self_attn.q_proj"}
+
+
+def test_all_linear_targets_exactly_the_pools_layers():
+    """PEFT's "all-linear" shorthand (PEFT itself saves the expanded names) means every linear layer
+    but the output head: a file with all of them maps; one missing a layer is refused."""
+    model = tiny_llama(100)
+    pool, modules = wrapped(model)
+    t = {}
+    for path, layer in pool.layers.items():
+        t[P + f"{path}.lora_A.weight"] = torch.zeros(4, layer.fin)
+        t[P + f"{path}.lora_B.weight"] = torch.zeros(layer.fout, 4)
+    assert set(prepare("a", files(t, target_modules="all-linear"), pool, modules).weights) == set(pool.layers)
+    first = next(iter(pool.layers))
+    partial = {k: v for k, v in t.items() if f"{first}.lora_" not in k}
+    with pytest.raises(InvalidAdapter, match="no weights"):
+        prepare("a", files(partial, target_modules="all-linear"), pool, modules)
