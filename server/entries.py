@@ -35,6 +35,7 @@ class Entry:
     requests_total: int = 0
     inflight: int = 0
     draining: bool = False          # being unregistered: hidden, waiting for leases
+    pending: bool = False           # being registered: hidden until the state file holds it
     recipe: BlendSpec | None = None
     created: int = field(default_factory=lambda: int(time.time()))  # registration time, kept across restarts
     use_seq: int = 0                # LRU order: a counter, not a clock, so that ties cannot happen

@@ -11,13 +11,17 @@ engine's memory, and the rules around that:
   on its next request;
 - unregistering hides the name at once (new requests get 404), waits for the
   leases out on it, then frees it;
-- the registered set, pins and blends are saved to a state file after each change.
+- the registered set, pins and blends are saved to a state file after each change, written
+  before the change is visible: a new adapter, a replacement's swap, a blend or an unregister
+  takes effect only once the file says so, so a failed write (503) undoes nothing a request saw.
 
 Concurrency: all state here is touched only on the event loop's thread, so a
 check and the update that follows it, with no `await` between, are one atomic
 step (SGLang's lora_registry makes acquire atomic the same way). `_lock`
-serialises the operations that await the engine (load, evict, unload, blend),
-so two of them never interleave their decisions about memory.
+serialises the operations that await the engine (load, evict, unload, blend) and every
+admin change with its state write, so two of them never interleave their decisions about
+memory or their snapshots of the state. The write itself runs on a worker thread
+(`StateFile.save`): requests keep streaming through it.
 
 Where files may come from is roots.py's. It knows the engine only through its protocol,
 and nothing of HTTP.
@@ -30,14 +34,16 @@ import dataclasses
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .atomic import publish
 from .engine.protocol import Engine
-from .entries import NAME_RE, Entry, Lease, NullObserver, Observer, check_name
+from .entries import Entry, Lease, NullObserver, Observer, check_name
 from .errors import Conflict, InvalidAdapter, InvalidRequest, NotFound, NotReady, Overloaded, StorageError
 from .lora.blend import BlendSpec, check_spec
-from .lora.weights import AdapterInfo, content_hash, describe_adapter
+from .lora.weights import AdapterInfo, content_hash
+from .restore import restore
 from .roots import Roots
 from .state import Record, State, StateFile
 
@@ -83,7 +89,7 @@ class Registry:
 
     def _visible(self, name: str) -> Entry | None:
         e = self._entries.get(name)
-        return e if e is not None and not e.draining else None
+        return e if e is not None and not e.draining and not e.pending else None
 
     def get(self, name: str) -> Entry:
         e = self._visible(name)
@@ -92,7 +98,7 @@ class Registry:
         return e
 
     def entries(self) -> list[Entry]:
-        return [e for e in self._entries.values() if not e.draining]
+        return [e for e in self._entries.values() if not e.draining and not e.pending]
 
     def counts(self) -> dict[str, int]:
         """For the metrics: registered (adapters and blends), in memory, pinned, blends."""
@@ -247,6 +253,10 @@ class Registry:
         sha = await asyncio.to_thread(content_hash, folder) if existing is not None else ""
         if existing is not None and existing.draining:
             raise Conflict(f"adapter {name!r} is being unloaded; retry shortly", code="adapter_draining")
+        if existing is not None and existing.pending:  # a racing register holds the lock until it settles
+            async with self._lock:
+                pass
+            return await self.register(name, path, pinned=pinned, replace=replace)
         if existing is not None:
             if existing.kind == "adapter" and sha and existing.info.sha256 == sha and existing.path == folder:
                 if pinned and not existing.pinned:
@@ -261,21 +271,22 @@ class Registry:
                 raise Conflict(f"adapter {name!r} was registered concurrently", param="name", code="adapter_exists")
             if pinned:
                 self._check_pin_room()
-            entry = Entry(name, "adapter", folder, AdapterInfo(folder, 0, 0.0, (), sha, 0), pinned=pinned)
-            self._entries[name] = entry  # reserved: a concurrent register of the name gets 409
+            entry = Entry(name, "adapter", folder, AdapterInfo(folder, 0, 0.0, (), sha, 0), pinned=pinned,
+                          pending=True)
+            self._entries[name] = entry  # reserved, not yet visible: a concurrent register of the name gets 409
             try:
                 await self._load_into_memory(entry)
             except BaseException:
                 del self._entries[name]  # a failed load leaves no trace
                 raise
-            was_removed = name in self._removed
-            self._removed.discard(name)
+
+            def commit() -> None:
+                entry.pending = False    # visible from here on
+                self._removed.discard(name)
             try:
-                self._save()
-            except StorageError:  # all or nothing: unregistered and out of memory again
+                await self._save(add=entry, revive=name, commit=commit)
+            except BaseException:  # all or nothing: nobody saw it; out of memory again
                 del self._entries[name]
-                if was_removed:
-                    self._removed.add(name)
                 entry.loaded = False
                 await self.engine.unload_adapter(entry.engine_key)
                 raise
@@ -296,14 +307,14 @@ class Registry:
             new = Entry(old.name, "adapter", folder, AdapterInfo(folder, 0, 0.0, (), "", 0),
                         pinned=pinned or old.pinned, created=old.created, engine_key=f"{old.name}~{self._versions}")
             await self._load_into_memory(new)  # raises: nothing changed
-            self._entries[old.name] = new      # one assignment: the swap
-            if old.loaded:
-                self._retiring.add(old)
+
+            def swap() -> None:
+                self._entries[old.name] = new  # one assignment: the swap
+                if old.loaded:
+                    self._retiring.add(old)
             try:
-                self._save()
-            except StorageError:
-                self._entries[old.name] = old  # roll back the swap
-                self._retiring.discard(old)
+                await self._save(add=new, commit=swap)
+            except BaseException:  # the old version never stopped serving
                 await self.engine.unload_adapter(new.engine_key)
                 raise
         task = asyncio.get_running_loop().create_task(self._retire(old))
@@ -321,31 +332,30 @@ class Registry:
                 await self.engine.unload_adapter(old.engine_key)
 
     async def unregister(self, name: str) -> Entry:
-        e = self.get(name)
-        # A folder directly in the store (an adapter, or a blend saved there) is remembered as
-        # removed, so the next start does not register it again.
-        in_store = e.path is not None and e.path.parent == self.store.resolve()
-        was_removed = name in self._removed
-        e.draining = True  # new requests get 404 from here on
-        if in_store:
-            self._removed.add(name)
-        try:
-            self._save()  # written before anything is undone: a failure here changes nothing
-        except StorageError:
-            e.draining = False
-            if not was_removed:
-                self._removed.discard(name)
-            raise
+        self.get(name)  # 404 at once, without waiting for the lock
+        async with self._lock:
+            e = self.get(name)  # again: a racing unregister or replace may have changed it meanwhile
+            # A folder directly in the store (an adapter, or a blend saved there) is remembered as
+            # removed, so the next start does not register it again.
+            in_store = e.path is not None and e.path.parent == self.store.resolve()
+
+            def hide() -> None:
+                e.draining = True  # new requests get 404 from here on
+                if in_store:
+                    self._removed.add(name)
+            # Written before anything is undone: a failure here changes nothing.
+            await self._save(drop=name, forget=name if in_store else None, commit=hide)
         await e.idle.wait()  # leases out finish normally
         async with self._lock:
             if e.loaded:
                 await self.engine.unload_adapter(e.engine_key)
                 e.loaded = False
-            self._entries.pop(name, None)
+            if self._entries.get(name) is e:  # not a version registered under the name since
+                del self._entries[name]
             if e.kind == "blend" and e.path is not None and self.state.blends in e.path.parents:
                 shutil.rmtree(e.path, ignore_errors=True)
             try:
-                self._save()
+                await self._save()
             except StorageError as err:  # the state on disk already says it is gone
                 log.warning("unregistered %s; the state write after it failed: %s", name, err.message)
         self.observer.adapter_forgotten(name)
@@ -359,30 +369,22 @@ class Registry:
                            f"{self.capacity}; unpin one first", param="pinned", code="pin_capacity")
 
     async def set_pinned(self, name: str, pinned: bool) -> Entry:
-        e = self.get(name)
-        if pinned and not e.pinned:
-            self._check_pin_room()
-            async with self._lock:
-                e.pinned = True
-                if not e.loaded:
-                    try:
-                        await self._load_into_memory(e)
-                    except BaseException:
-                        e.pinned = False
-                        raise
-        else:
-            was, e.pinned = e.pinned, pinned
+        self.get(name)
+        async with self._lock:
+            e = self.get(name)
+            was = e.pinned
+            if pinned and not was:
+                self._check_pin_room()
+            # A pin is no tenant's business (it only keeps the adapter in memory), so it is set
+            # before the write, which snapshots it, and undone if the write fails.
+            e.pinned = pinned
             try:
-                self._save()
-            except StorageError:
-                e.pinned = was
+                if pinned and not e.loaded:
+                    await self._load_into_memory(e)
+                await self._save()
+            except BaseException:
+                e.pinned = was  # a pin's load that succeeded stays: in memory, unpinned, as before
                 raise
-            return e
-        try:
-            self._save()
-        except StorageError:
-            e.pinned = False  # it stays in memory, unpinned, as before
-            raise
         return e
 
     async def create_blend(self, name: str, spec: BlendSpec, *, save: bool = False) -> tuple[Entry, bool]:
@@ -421,11 +423,9 @@ class Registry:
                     shutil.rmtree(staging, ignore_errors=True)
                 entry = Entry(name, "blend", target.resolve(), dataclasses.replace(info, folder=target.resolve()),
                               loaded=True, loaded_at=time.time(), recipe=spec)
-                self._entries[name] = entry
                 try:
-                    self._save()
-                except StorageError:  # all or nothing: no entry, no slot, no folder
-                    del self._entries[name]
+                    await self._save(add=entry, commit=lambda: self._entries.__setitem__(name, entry))
+                except BaseException:  # all or nothing: no entry, no slot, no folder
                     await self.engine.unload_adapter(entry.engine_key)
                     shutil.rmtree(target, ignore_errors=True)
                     raise
@@ -436,47 +436,34 @@ class Registry:
         return entry, True
 
     # -- start-up and persistence ----------------------------------------------------
-    def _save(self) -> None:
-        """Write the state file; StorageError (503) when it cannot be, for the caller to roll back."""
-        records = [Record(e.name, e.kind, self.state.rel(e.path), e.pinned, e.info.sha256,
-                          e.recipe.recipe() if e.recipe else None, e.created)
-                   for e in self._entries.values() if not e.draining and e.path is not None]
+    async def _save(self, *, add: Entry | None = None, drop: str | None = None, revive: str | None = None,
+                    forget: str | None = None, commit: Callable[[], None] | None = None) -> None:
+        """Write the state file as it will be after a change: the visible entries, plus `add` (not
+        yet visible, or replacing its name's entry), minus `drop`; `revive`/`forget` take a name off
+        or onto the removed list. `commit` makes the change visible once the file holds it.
+        StorageError (503) when it cannot be written: then nothing was committed."""
+        def build() -> State:
+            listed = {e.name: e for e in self._entries.values() if not e.draining and not e.pending}
+            if add is not None:
+                listed[add.name] = add
+            listed.pop(drop or "", None)
+            records = [Record(e.name, e.kind, self.state.rel(e.path), e.pinned, e.info.sha256,
+                              e.recipe.recipe() if e.recipe else None, e.created)
+                       for e in listed.values() if e.path is not None]
+            removed = (self._removed - {revive or ""}) | ({forget} if forget else set())
+            return State(records, sorted(removed))
         try:
-            self.state.write(State(records, sorted(self._removed)))
+            await self.state.save(build, commit)
         except OSError as e:
             raise StorageError(f"the registry's state file could not be written ({e.strerror or e}); the change "
                                "was not made", code="storage_error") from None
 
     async def start(self, scan_store: bool = True) -> list[str]:
         """Restore the saved state, add new store folders, fill memory (pinned first)."""
-        self.state.clean_staging()
-        saved = self.state.read()
-        records = saved.records if saved else []
-        self._removed = set(saved.removed) if saved else set()
-        known = {r.name for r in records}
-        if scan_store and self.store.is_dir():
-            for folder in sorted(p for p in self.store.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                if folder.name in known or folder.name in self._removed or not NAME_RE.match(folder.name):
-                    continue
-                if (folder / "adapter_config.json").is_file():
-                    records.append(Record(folder.name, "adapter", folder.name))
-        for r in records:
-            folder = self.state.abs(r.path)
-            try:
-                check_name(r.name, base_id=self.base_id)  # a store folder named like the base: listed as failed
-                inside = self.resolve_folder(folder)  # a folder or a file leading outside the roots: refused
-                info = describe_adapter(inside)
-                if r.sha256 and info.sha256 != r.sha256:
-                    raise InvalidAdapter(f"its files changed since it was registered (sha256 {r.sha256[:12]} "
-                                         f"then, {info.sha256[:12]} now); register it again to serve them",
-                                         code="content_changed")
-            except (InvalidAdapter, InvalidRequest, Conflict) as refused:
-                log.warning("skipping %s: %s", r.name, refused.message)
-                self.failed[r.name] = (str(folder), refused.message)
-                continue
-            self._entries[r.name] = Entry(r.name, r.kind, folder.resolve(), info, pinned=r.pinned,
-                                          recipe=BlendSpec.from_recipe(r.recipe) if r.recipe else None,
-                                          created=r.created or int(time.time()))
+        restored = restore(self.state, self._roots, base_id=self.base_id, scan_store=scan_store)
+        self._removed = restored.removed
+        self.failed.update(restored.failed)
+        self._entries.update((e.name, e) for e in restored.entries)
         order = sorted(self._entries.values(), key=lambda e: not e.pinned)
         loaded = []
         async with self._lock:
@@ -490,5 +477,5 @@ class Registry:
                     log.warning("skipping adapter %s: %s", e.name, err.message)
                     self.failed[e.name] = (str(e.path), err.message)
                     del self._entries[e.name]
-        self._save()
+        await self._save()
         return loaded

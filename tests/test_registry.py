@@ -590,3 +590,63 @@ def test_redteam_the_base_models_id_is_not_an_adapter_name(store):
             assert e.value.code == "name_is_base"
         assert (await reg.acquire("base-x")).adapter is None
     run(main())
+
+
+@pytest.mark.parametrize("outcome", ["lands", "fails"])
+@pytest.mark.parametrize("op", ["register", "replace", "unregister", "blend"])
+def test_issue18_the_state_write_runs_off_the_event_loop_and_a_change_is_seen_only_after_it(store, op, outcome):
+    """The fsyncs run on a worker thread: while one is held up the loop keeps serving, and the
+    change is not visible yet (so a failing write needs to take nothing back from a request)."""
+    import threading
+
+    from server.errors import StorageError
+    reg, eng = make(store)
+
+    def served(model):
+        try:
+            return reg.resolve(model) and reg._entries[model].engine_key
+        except NotFound:
+            return None
+
+    async def main():
+        await reg.start(scan_store=False)
+        await reg.register("alpha", "alpha")
+        await reg.register("gamma", "gamma")
+        real, gate, entered = reg.state.write, threading.Event(), threading.Event()
+
+        def held(state):
+            entered.set()
+            assert gate.wait(10)
+            if outcome == "fails":
+                raise OSError(5, "Input/output error")
+            real(state)
+        reg.state.write = held
+        name = {"register": "beta", "replace": "alpha", "unregister": "alpha", "blend": "mix"}[op]
+        before = served(name)
+        task = asyncio.create_task({
+            "register": lambda: reg.register("beta", "beta"),
+            "replace": lambda: reg.register("alpha", "delta", replace=True),
+            "unregister": lambda: reg.unregister("alpha"),
+            "blend": lambda: reg.create_blend("mix", BlendSpec((("alpha", 0.5), ("gamma", 0.5)), "cat"))}[op]())
+        while not entered.is_set():
+            await asyncio.sleep(0.001)
+        ticks = 0
+        for _ in range(20):  # the loop is free while the write is held up
+            await asyncio.sleep(0.001)
+            ticks += 1
+            assert served(name) == before and not task.done()
+        lease = await reg.acquire("gamma")  # and requests are served meanwhile
+        reg.release(lease)
+        gate.set()
+        if outcome == "fails":
+            with pytest.raises(StorageError):
+                await task
+            assert served(name) == before
+        else:
+            await task
+            assert served(name) == {"register": "beta", "replace": "alpha~1", "unregister": None, "blend": "mix"}[op]
+        assert ticks == 20
+        reg.state.write = real
+        saved = json.loads((store / ".loraplex" / "state.json").read_text())
+        assert (name in {r["name"] for r in saved["adapters"]}) == (served(name) is not None)
+    run(main())
