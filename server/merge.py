@@ -101,7 +101,10 @@ def fuse(adapter: Path, out: Path, model_cfg: ModelConfig, *, cache_dir: Path, t
     probes = _probe_ids(loaded.tokenizer, PROBES)
     reference = _logits(peft_model, probes)
     report({"event": "progress", "stage": "merging"})
-    merged = peft_model.merge_and_unload()
+    try:
+        merged = peft_model.merge_and_unload()
+    except (RuntimeError, ValueError) as e:  # e.g. a lora_bias on a base layer without a bias
+        raise ExportError(f"PEFT cannot fuse this adapter into the base: {e}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_path(out.parent, out.name)
     try:

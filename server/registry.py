@@ -41,7 +41,7 @@ from .atomic import publish
 from .engine.protocol import Engine
 from .entries import Entry, Lease, NullObserver, Observer, check_name
 from .errors import Conflict, InvalidAdapter, InvalidRequest, NotFound, NotReady, Overloaded, StorageError
-from .lora.blend import BlendSpec, check_spec
+from .lora.blend import BlendSpec, check_blendable, check_spec
 from .lora.weights import AdapterInfo, content_hash
 from .restore import restore
 from .roots import Roots
@@ -173,6 +173,7 @@ class Registry:
         spec = BlendSpec(tuple(mix), "cat")
         try:
             check_spec(spec, {e.name: e.info.rank for e in self.entries()})
+            check_blendable(spec, {e.name: e.info.variants for e in self.entries()}, "a per-request mix")
         except InvalidAdapter as e:
             raise InvalidRequest(e.message, param="adapters", code=e.code) from None
         # The engine names each source by its current version: a source replaced later is not mixed.
@@ -394,8 +395,8 @@ class Registry:
             if existing.kind == "blend" and existing.recipe == spec:
                 return existing, False
             raise Conflict(f"{name!r} is already registered", param="name", code="adapter_exists")
-        sources = {e.name: e.info.rank for e in self.entries()}
-        check_spec(spec, sources)
+        check_spec(spec, {e.name: e.info.rank for e in self.entries()})
+        check_blendable(spec, {e.name: e.info.variants for e in self.entries()})
         target = self.store / name if save else self.state.blends / name
         if target.exists():
             raise Conflict(f"{target} already exists", param="name", code="folder_exists")

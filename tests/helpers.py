@@ -54,7 +54,9 @@ def save_tiny_model(folder: Path, seed: int = 0) -> Path:
 
 def save_adapter(base_folder: Path, out: Path, *, r: int = 4, alpha: int = 8, seed: int = 1,
                  targets=("q_proj", "v_proj"), scale: float = 1.0, **config) -> Path:
-    """A PEFT adapter with random (not no-op) weights, saved as safetensors."""
+    """A PEFT adapter with random (not no-op) weights, saved as safetensors. DoRA magnitudes and LoRA
+    biases and trained copies (modules_to_save) are made to look trained (PEFT starts DoRA's factor at
+    exactly 1, and a copy as the base's own module)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -62,11 +64,16 @@ def save_adapter(base_folder: Path, out: Path, *, r: int = 4, alpha: int = 8, se
     torch.manual_seed(seed)
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
                                             init_lora_weights=False, **config))
-    if scale != 1.0:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    p.mul_(scale)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+            elif "lora_B" in n and n.endswith(".bias"):
+                p.normal_(0, 1.0)
+            elif "modules_to_save" in n:  # trained copies start as the base's own
+                p.add_(torch.randn_like(p) * 0.3)
+            if "lora_" in n and scale != 1.0:
+                p.mul_(scale)
     model.save_pretrained(out)
     return out
 

@@ -27,6 +27,11 @@ def template(tiny_model_dir, tiny_store, tmp_path_factory):
     save_adapter(tiny_model_dir, store / "delta", seed=6, r=4, targets=("q_proj", "v_proj", "gate_proj"),
                  task_type="CAUSAL_LM")
     save_adapter(tiny_model_dir, store / "rs", seed=7, r=4, targets=("q_proj", "o_proj"), use_rslora=True)
+    save_adapter(tiny_model_dir, store / "dora", seed=8, r=4, targets=("q_proj", "v_proj", "down_proj"), use_dora=True)
+    save_adapter(tiny_model_dir, store / "biased", seed=9, r=2, targets=("k_proj", "up_proj"), lora_bias=True)
+    save_adapter(tiny_model_dir, store / "saved", seed=10, r=2, targets=("q_proj",),
+                 modules_to_save=["lm_head", "norm"])
+    save_adapter(tiny_model_dir, store / "emb", seed=11, r=4, targets=("embed_tokens", "v_proj"))
     return store
 
 
@@ -61,7 +66,7 @@ def reference(tiny_model_dir, template):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     base.generation_config.eos_token_id = None
     peft = PeftModel.from_pretrained(base, template / "alpha", adapter_name="alpha")
-    for name in ("beta", "gamma", "delta", "rs"):
+    for name in ("beta", "gamma", "delta", "rs", "dora", "biased", "saved", "emb"):
         peft.load_adapter(template / name, adapter_name=name)
     peft.eval()
 
@@ -264,3 +269,61 @@ def test_adapter_missing_some_tensors_is_refused(engine, fresh):
         assert e.value.code == "invalid_weights" and "missing" in e.value.message
         assert "partial" not in engine._runner.adapters
     asyncio.run(main())
+
+
+def test_dora_and_lora_bias_adapters_in_one_batch_equal_peft(engine, fresh, reference):
+    """Issue 14: DoRA's per-row magnitude and a LoRA bias, served per row beside a plain adapter and
+    the base in the same steps, give PEFT's greedy tokens."""
+    reg = fresh()
+    ids = engine.tokenizer.encode(PROMPT)
+
+    async def main():
+        for name in ("dora", "biased", "alpha"):
+            await reg.register(name, name)
+        models = ["dora", "biased", "alpha", engine.model_id, "dora", "biased"]
+        return await asyncio.gather(*(generate(engine, reg, m, rid=f"v{i}") for i, m in enumerate(models))), models
+    outs, models = asyncio.run(main())
+    for out, m in zip(outs, models):
+        if m != engine.model_id:  # the base row is there to share the steps (base equality: test_engine)
+            assert out == reference(ids, m), m
+    assert outs[0] == outs[4] and outs[1] == outs[5] and len({tuple(o) for o in outs[:4]}) == 4
+
+
+def test_dora_and_lora_bias_adapters_are_not_blended_or_mixed(engine, fresh):
+    from server.errors import InvalidAdapter, InvalidRequest
+    reg = fresh()
+
+    async def main():
+        for name in ("dora", "biased", "alpha"):
+            await reg.register(name, name)
+        listed = {e.name: e.info.variants for e in reg.entries()}
+        assert listed["dora"] == ("DoRA",) and listed["biased"] == ("lora_bias",) and listed["alpha"] == ()
+        for src in ("dora", "biased"):
+            with pytest.raises(InvalidAdapter, match=f"'{src}' is a .* adapter: it is served alone") as e:
+                await reg.create_blend("b", BlendSpec(((src, 0.5), ("alpha", 0.5)), "cat"))
+            assert e.value.code == "unsupported_blend"
+            with pytest.raises(InvalidRequest, match="per-request mix"):
+                await reg.acquire(engine.model_id, [(src, 0.5), ("alpha", 0.5)])
+    asyncio.run(main())
+
+
+def test_trained_copies_and_embedding_lora_in_one_batch_equal_peft(engine, fresh, reference):
+    """Issue 14: an adapter's own lm_head and norms (modules_to_save) and LoRA on the embeddings,
+    per row beside a plain adapter and the base, give PEFT's greedy tokens; such rows leave the
+    CUDA-graph path (the packed step serves them) and every other row is untouched."""
+    reg = fresh()
+    ids = engine.tokenizer.encode(PROMPT)
+
+    async def main():
+        for name in ("saved", "emb", "alpha"):
+            await reg.register(name, name)
+        base_alone = await generate(engine, reg, engine.model_id, rid="b0")
+        models = ["saved", "emb", "alpha", engine.model_id, "saved", "emb"]
+        outs = await asyncio.gather(*(generate(engine, reg, m, rid=f"w{i}") for i, m in enumerate(models)))
+        return outs, models, base_alone
+    outs, models, base_alone = asyncio.run(main())
+    for out, m in zip(outs, models):
+        assert out == (base_alone if m == engine.model_id else reference(ids, m)), m
+    assert len({tuple(o) for o in outs[:4]}) == 4
+    variants = {e.name: e.info.variants for e in reg.entries()}
+    assert variants["saved"] == ("modules_to_save",) and variants["emb"] == ("embedding LoRA",)

@@ -40,6 +40,7 @@ class TrainBody(_Body):
     alpha: int | None = Field(None, ge=1, le=65536)
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
     target_modules: list[str] | None = Field(None, min_length=1, max_length=64)
+    modules_to_save: list[str] | None = Field(None, min_length=1, max_length=64)
     epochs: float | None = Field(None, gt=0.0, le=1000.0)
     max_steps: int | None = Field(None, ge=1, le=10_000_000)
     learning_rate: float | None = Field(None, gt=0.0, le=1.0)
@@ -52,6 +53,8 @@ class TrainBody(_Body):
     save_steps: int | None = Field(None, ge=1, le=10_000_000)
     long_examples: Literal["error", "skip", "truncate"] = "error"
     qlora: bool = False
+    dora: bool = False
+    rslora: bool = False
     gradient_checkpointing: bool = False
     resume: bool = False
     replace: bool = False
@@ -100,7 +103,10 @@ def _train_argv(state: AppState, body: TrainBody, data: Path) -> list[str]:
             argv += [flag, repr(value)]
     if body.target_modules:
         argv += ["--target-modules", ",".join(body.target_modules)]
-    for flag, on in (("--qlora", body.qlora), ("--gradient-checkpointing", body.gradient_checkpointing),
+    if body.modules_to_save:
+        argv += ["--modules-to-save", ",".join(body.modules_to_save)]
+    for flag, on in (("--qlora", body.qlora), ("--dora", body.dora), ("--rslora", body.rslora),
+                     ("--gradient-checkpointing", body.gradient_checkpointing),
                      ("--resume", body.resume), ("--replace", body.replace)):
         if on:
             argv.append(flag)
@@ -111,9 +117,10 @@ def _train_argv(state: AppState, body: TrainBody, data: Path) -> list[str]:
 async def start_training(body: TrainBody, state: AppState = Depends(require_admin)) -> Any:
     jobs = _jobs(state)
     check_name(body.name)
-    bad = [t for t in body.target_modules or [] if not re.match(TARGET_RE, t)]
-    if bad:
-        raise InvalidRequest(f"invalid target module name(s): {bad}", param="target_modules")
+    for param, names in (("target_modules", body.target_modules), ("modules_to_save", body.modules_to_save)):
+        bad = [t for t in names or [] if not re.match(TARGET_RE, t)]
+        if bad:
+            raise InvalidRequest(f"invalid module name(s): {bad}", param=param)
     rank = body.rank or state.config.train.rank
     if rank > state.config.adapters.max_lora_rank:
         raise InvalidRequest(f"rank {rank} is above adapters.max_lora_rank={state.config.adapters.max_lora_rank}, "

@@ -69,7 +69,9 @@ class DecodeGraphs:
     def fits(self, items: list[StepItem]) -> bool:
         if self.failed or not 0 < len(items) <= self.rows[-1]:
             return False
-        return (all(len(it.tokens) == 1 and it.sample and not it.mix and not it.all_logits for it in items)
+        packed_only = self.runner.pool.packed_only  # trained module copies, embedding LoRA: lora/swap.py
+        return (all(len(it.tokens) == 1 and it.sample and not it.mix and not it.all_logits
+                    and it.slot not in packed_only for it in items)
                 and max(it.pos for it in items) < self.max_len)
 
     def _shape(self, items: list[StepItem]) -> tuple[int, int]:

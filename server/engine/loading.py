@@ -17,7 +17,7 @@ import torch
 
 from ..config import EngineConfig, ModelConfig
 from ..lora.blend import BlendSpec, write_folder
-from ..lora.slots import Prepared, prepare
+from ..lora.slots import Prepared
 from ..lora.weights import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, describe_adapter
 from ..model import LoadedModel
 from .attention import KVPool
@@ -71,4 +71,4 @@ def prepare_blend(runner: Any, name: str, spec: BlendSpec, folder: Path) -> tupl
     info = describe_adapter(folder)
     identity = info.sha256
     tensors = {k: v.detach().to("cpu") for k, v in get_peft_model_state_dict(peft, adapter_name=name).items()}
-    return prepare(name, AdapterFiles(info, cfg, tensors), runner.pool, runner.slots.model_modules), identity
+    return runner.slots.prepare(name, AdapterFiles(info, cfg, tensors)), identity

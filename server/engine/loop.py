@@ -32,7 +32,7 @@ import torch
 from ..config import EngineConfig, ModelConfig
 from ..errors import InvalidAdapter, InvalidRequest, LoraplexError, NotFound, NotReady, Overloaded, RequestTimeout
 from ..lora.blend import BlendSpec
-from ..lora.slots import Prepared, prepare
+from ..lora.slots import Prepared
 from ..lora.weights import AdapterInfo, read_adapter
 from ..model import LoadedModel, load_model
 from .blocks import BlockManager
@@ -216,8 +216,8 @@ class TorchEngine:
             key = file_key(path)
             with self._host_lock:
                 hit = runner.slots.from_host(key)
-            prepared = hit or prepare(name, read_adapter(path, max_rank=self.max_lora_rank if check_rank else 1 << 30),
-                                      runner.pool, runner.slots.model_modules)
+            prepared = hit or runner.slots.prepare(
+                name, read_adapter(path, max_rank=self.max_lora_rank if check_rank else 1 << 30))
             # Into a free slot while the engine keeps stepping (see server/lora/slots.py).
             runner.slots.install(name, prepared, identity=prepared.files.info.sha256)
             self._host_keys[name] = key

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..lora.pool import LoraBatch, LoraPool
+from ..lora.pool import LoraBatch, LoraPool, Segment
 from ..lora.slots import AdapterSlots
 from ..model import LoadedModel
 from .attention import BACKENDS as ATTENTION
@@ -151,7 +151,7 @@ class ModelRunner:
         ctx = StepContext(self.kv, batch, self.attention)
         sampled = [i for i in range(len(items)) if i in keep]
         rows = torch.tensor([r for i in sampled for r in keep[i]], dtype=torch.long, device=dev)
-        self.pool.batch = LoraBatch(segments, t, dev)
+        self.pool.batch = LoraBatch(segments, t, dev, head_segments=self._head_segments(items, sampled, keep))
         try:
             out = self.model(input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([pos], device=dev),
                              use_cache=False, logits_to_keep=rows, loraplex_step=ctx)
@@ -159,6 +159,23 @@ class ModelRunner:
             self.pool.batch = None
         logits: torch.Tensor = out.logits[0]
         return logits
+
+    def _head_segments(self, items: list[StepItem], sampled: list[int], keep: dict[int, range]) -> list[Segment]:
+        """Segments over the head's input (the kept rows, in `sampled` order), for slots whose
+        adapter has its own copy of the head; [] when none does."""
+        if not self.pool.packed_only:
+            return []
+        segs: list[Segment] = []
+        k = 0
+        for i in sampled:
+            n, slot = len(keep[i]), items[i].slot
+            if slot >= 0:
+                if segs and segs[-1][0] == slot and segs[-1][2] == k:
+                    segs[-1] = (slot, segs[-1][1], k + n, 1.0)
+                else:
+                    segs.append((slot, k, k + n, 1.0))
+            k += n
+        return segs
 
     # -- start-up check -------------------------------------------------------------------
     def self_check(self) -> float:

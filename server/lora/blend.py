@@ -94,6 +94,16 @@ def check_spec(spec: BlendSpec, ranks: dict[str, int]) -> None:
                                  f"got {spec.density!r}", code="invalid_blend")
 
 
+def check_blendable(spec: BlendSpec, variants: dict[str, tuple[str, ...]], what: str = "a blend") -> None:
+    """Refuse sources whose variant PEFT's add_weighted_adapter does not combine: it blends only
+    lora_A/lora_B, so a DoRA magnitude or a LoRA bias would be dropped or re-made, not blended."""
+    odd = [(n, variants[n]) for n, _ in spec.adapters if variants.get(n)]
+    if odd:
+        name, kinds = odd[0]
+        raise InvalidAdapter(f"{name!r} is a {'/'.join(kinds)} adapter: it is served alone, not as part of {what} "
+                             "(PEFT's add_weighted_adapter blends only lora_A/lora_B)", code="unsupported_blend")
+
+
 def build(peft_model: Any, name: str, spec: BlendSpec) -> None:
     """Add the blend to a PEFT model as adapter `name` (engine thread)."""
     import torch

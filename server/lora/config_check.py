@@ -3,11 +3,12 @@
 Owns: `check_raw_config`, run on the parsed JSON before PEFT sees it and before anything touches
 the model. Every key must be one this module knows; its value must be one the slot path serves
 exactly (`slots.prepare`: LoRA A/B on linear layers, PEFT's scaling with rsLoRA, rank_pattern and
-alpha_pattern). Anything else is an InvalidAdapter (422) naming the field:
+alpha_pattern, DoRA, LoRA biases; trained copies of the embeddings, head and norms and LoRA on the
+input embeddings, in swap.py). Anything else is an InvalidAdapter (422) naming the field:
 - training-time initialisations other than the random ones (`init_lora_weights` "pissa", "olora",
   "corda", "eva", "loftq", "orthogonal", ...): PEFT runs them on the base's weights when it builds
   the layers, and an adapter saved from them expects a changed base;
-- variants the slot path does not compute (DoRA, LoRA biases, trained modules, trainable tokens,
+- variants the slot path does not compute (trainable tokens,
   layer replication, LoRA on parameters, activated LoRA, QALoRA, Megatron layers, and the newer
   tuners PEFT groups under LoRA);
 - numbers that are not finite or out of range (r and every rank in rank_pattern within
@@ -65,6 +66,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "r": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "lora_alpha": (_is_number, "a finite number"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),     # slots.prepare: DoRA's row factor
+    "lora_bias": (lambda v: isinstance(v, bool), "true or false"),    # slots.prepare: scale * lora_B.bias
+    # swap.py: trained copies of the embeddings, the head or norms, per row; other modules refused there
+    "modules_to_save": (lambda v: v is None or (isinstance(v, list) and len(v) <= 64
+                                                and all(isinstance(x, str) and 0 < len(x) <= 200 for x in v)),
+                        "a list of module names"),
     "target_modules": (_strs, "a string or a list of strings"),
     "exclude_modules": (_strs, "a string or a list of strings"),
     "layers_to_transform": (lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
@@ -81,7 +88,6 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 # Features the slot path does not compute: accepted only when unset.
 _UNSERVED = {
-    "use_dora": "DoRA", "lora_bias": "a LoRA bias", "modules_to_save": "trained copies of base modules",
     "trainable_token_indices": "trainable tokens", "layer_replication": "layer replication",
     "target_parameters": "LoRA on parameters", "megatron_config": "Megatron parallel layers",
     "alora_invocation_tokens": "activated LoRA", "use_qalora": "QALoRA", "loftq_config": "LoftQ",

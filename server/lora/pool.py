@@ -10,6 +10,14 @@ copy into a free slot (everything of the slot is overwritten, so nothing of the 
 it before can leak); unloading marks it free. `r_cap` grows (a one-off copy) when a higher rank
 arrives.
 
+Two per-slot vectors of the layer's outputs, allocated when the first adapter that needs them
+arrives (`version` grows then too):
+    bias: (slots + 1, out)  scale * lora_B.bias (PEFT's `lora_bias`), zeros elsewhere;
+    mag:  (slots + 1, out)  DoRA's magnitude / ||W + scale * B A|| per output row (PEFT computes
+                            the norm from the same fixed W and LoRA weights every forward), ones
+                            elsewhere; a DoRA row's output is then mag * (W x + delta) + base bias,
+                            which is PEFT's  base + (mag - 1) * W x + mag * delta  rearranged.
+
 Per step the runner passes a `LoraBatch`: the step's tokens are ordered so that each slot's
 tokens are contiguous, and `segments` lists (slot, start, end, weight) for the tokens with an
 adapter. A per-request mix is several segments over the same tokens, one per source slot, each
@@ -22,6 +30,8 @@ so the step can be captured once and replayed. `version` grows whenever a buffer
 Semantics (the reference, backend "loop"):
     for each segment (s, start, end, w) whose slot targets this layer, each token t in it:
         y[t] += w * B[s]^T @ (A[s] @ x[t])      (B already holds scale[s] * lora_B)
+    then (`finish`, every backend) y[t] += w * bias[s], and for a DoRA slot
+        y[t] = mag[s] * (y[t] - b) + b          (b: the base layer's own bias, if any)
 Backends (a registry):
 - "loop": the per-token loop above; slow, the oracle.
 - "segments": two matmuls per segment, at the slot's own rank (Punica's SGMV in plain torch).
@@ -46,6 +56,7 @@ import torch
 from torch import nn
 
 from ..config import LORA_BACKENDS
+from .swap import SlotModule, wrap_swaps
 
 LINEAR_TYPES = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
 
@@ -72,6 +83,9 @@ class LoraBatch:
     tokens: int
     device: torch.device
     token_slots: torch.Tensor | None = None  # (T,) long, the per-token path: then segments are unused
+    # The segments over the output head's input rows (only the rows that sample), for the slots'
+    # trained copies of the head (`server/lora/swap.py`); empty when no slot has one.
+    head_segments: list[Segment] = field(default_factory=list)
     _cache: dict[Any, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -93,6 +107,12 @@ class PoolLayer:
         self.rank = [0] * slots
         self.A: torch.Tensor | None = None
         self.B: torch.Tensor | None = None
+        self.has_bias = [False] * slots          # slot s adds bias[s]
+        self.is_dora = [False] * slots           # slot s scales its rows by mag[s]
+        self.bias: torch.Tensor | None = None    # (slots + 1, out)
+        self.mag: torch.Tensor | None = None     # (slots + 1, out); ones where not DoRA
+        self.dora_mask: torch.Tensor | None = None  # (slots + 1,) bool, for the per-token path
+        self.base_bias: torch.Tensor | None = None  # the wrapped layer's own bias (out,), if any
         # (key, A_sel, B_sel) for "gathered", valid until a load
         self._sel: tuple[Any, torch.Tensor, torch.Tensor] | None = None
 
@@ -104,6 +124,11 @@ class PoolLayer:
     def targeted(self, segments: list[Segment]) -> list[Segment]:
         rank = self.rank
         return [seg for seg in segments if rank[seg[0]]]
+
+    @property
+    def extras(self) -> bool:
+        """Whether any slot adds a bias or scales by DoRA here (else `finish` has nothing to do)."""
+        return self.bias is not None or self.mag is not None
 
 
 class SlotLinear(nn.Module):
@@ -121,8 +146,10 @@ class SlotLinear(nn.Module):
         if batch is None or self.layer.A is None:
             return out
         if batch.token_slots is not None:
-            self._pool[0].per_token(self.layer, x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]),
-                                    batch.token_slots)
+            out2 = out.view(-1, out.shape[-1])
+            self._pool[0].per_token(self.layer, x.reshape(-1, x.shape[-1]), out2, batch.token_slots)
+            if self.layer.extras:
+                self._pool[0].finish_per_token(self.layer, out2, batch.token_slots)
             return out
         if not batch.segments:
             return out
@@ -132,6 +159,8 @@ class SlotLinear(nn.Module):
             x2 = x.reshape(-1, x.shape[-1])
             out2 = out.view(-1, out.shape[-1])
             pool.compute(pool.choose(segs), self.layer, x2, out2, segs, batch)
+            if self.layer.extras:
+                pool.finish(self.layer, out2, segs)
         return out
 
 
@@ -143,11 +172,14 @@ class LoraPool:
         self.r_cap = 0
         self.version = 0                      # grows when any buffer is replaced (captured graphs go stale)
         self.layers: dict[str, PoolLayer] = {}
+        self.swaps: dict[str, SlotModule] = {}  # embeddings, head, norms: trained copies, embedding LoRA
+        self.packed_only: set[int] = set()      # slots with anything in `swaps`: never in a captured graph
         self.batch: LoraBatch | None = None   # set by the runner for the length of one forward
 
     # -- wrapping, once at start-up ------------------------------------------------------------
     def wrap(self, model: nn.Module, exclude: set[int]) -> None:
-        """Wrap every linear-like module of `model` (except those whose id is in `exclude`)."""
+        """Wrap every linear-like module of `model` (except those whose id is in `exclude`) in a
+        SlotLinear, then its embeddings, output head and norms in SlotModules."""
         targets = [(n, m, f) for n, m in model.named_modules()
                    if (f := features(m)) is not None and id(m) not in exclude]
         for name, module, (fin, fout) in targets:
@@ -155,7 +187,10 @@ class LoraPool:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, SlotLinear(module, layer, self))
+            bias = getattr(module, "bias", None)
+            layer.base_bias = bias.detach() if isinstance(bias, torch.Tensor) else None
             self.layers[name] = layer
+        self.swaps = wrap_swaps(model, self)
 
     # -- slots --------------------------------------------------------------------------------
     def _grow_rank(self, r: int) -> None:
@@ -173,9 +208,17 @@ class LoraPool:
         self.r_cap = new
         self.version += 1
 
-    def write(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Put an adapter into `slot`: weights maps layer path -> (A (r, in), B_scaled (r, out)).
+    def write(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+              bias: dict[str, torch.Tensor] | None = None, mag: dict[str, torch.Tensor] | None = None,
+              copies: dict[str, dict[str, torch.Tensor]] | None = None,
+              embedding: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Put an adapter into `slot`: weights maps layer path -> (A (r, in), B_scaled (r, out));
+        `bias` maps a path to its scaled LoRA bias (out,), `mag` to its DoRA scale (out,);
+        `copies` a swappable module's path to its trained parameters, `embedding` the input
+        embeddings' path to (A^T (vocab, r), B_scaled (r, out)).
         Every layer's part of the slot is overwritten (zeros where the adapter has nothing)."""
+        self._write_vectors(slot, bias or {}, mag or {})
+        self._write_swaps(slot, copies or {}, embedding or {})
         r_max = max((a.shape[0] for a, _ in weights.values()), default=0)
         if r_max > self.r_cap:
             self._grow_rank(r_max)
@@ -203,6 +246,39 @@ class LoraPool:
             layer.rank[slot] = r
             layer._sel = None
 
+    def _write_vectors(self, slot: int, bias: dict[str, torch.Tensor], mag: dict[str, torch.Tensor]) -> None:
+        for path, layer in self.layers.items():
+            b, g = bias.get(path), mag.get(path)
+            if b is not None and layer.bias is None:
+                layer.bias = torch.zeros((self.slots + 1, layer.fout), dtype=self.dtype, device=self.device)
+                self.version += 1
+            if g is not None and layer.mag is None:
+                layer.mag = torch.ones((self.slots + 1, layer.fout), dtype=self.dtype, device=self.device)
+                layer.dora_mask = torch.zeros(self.slots + 1, dtype=torch.bool, device=self.device)
+                self.version += 1
+            if layer.bias is not None:
+                layer.bias[slot] = 0.0 if b is None else b.to(device=self.device, dtype=self.dtype)
+            if layer.mag is not None and layer.dora_mask is not None:
+                layer.mag[slot] = 1.0 if g is None else g.to(device=self.device, dtype=self.dtype)
+                layer.dora_mask[slot] = g is not None
+            layer.has_bias[slot], layer.is_dora[slot] = b is not None, g is not None
+
+    def _write_swaps(self, slot: int, copies: dict[str, dict[str, torch.Tensor]],
+                     embedding: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for path, sm in self.swaps.items():
+            sm.copies.pop(slot, None)
+            sm.lora.pop(slot, None)
+            if path in copies:
+                sm.copies[slot] = sm.make_copy(copies[path], self.dtype, self.device)
+            if path in embedding:
+                a, b = embedding[path]
+                sm.lora[slot] = (a.to(device=self.device, dtype=self.dtype), b.to(device=self.device, dtype=self.dtype))
+        # Published last: a graph step checks it (DecodeGraphs.fits) before it reads the slot.
+        if copies or embedding:
+            self.packed_only.add(slot)
+        else:
+            self.packed_only.discard(slot)
+
     def clear(self, slot: int) -> None:
         self.write(slot, {})
 
@@ -227,6 +303,31 @@ class LoraPool:
             out2.add_(delta.to(out2.dtype))
         else:
             BACKENDS[name](layer, x2, out2, segs, batch)
+
+    def finish(self, layer: PoolLayer, out2: torch.Tensor, segs: list[Segment]) -> None:
+        """After the deltas: each segment's LoRA bias, then its DoRA scaling (see the module docstring)."""
+        b0 = layer.base_bias
+        for slot, s, e, w in segs:
+            if layer.has_bias[slot] and layer.bias is not None:
+                out2[s:e].add_(layer.bias[slot].to(out2.dtype), alpha=w)
+            if layer.is_dora[slot] and layer.mag is not None:
+                g = layer.mag[slot].to(out2.dtype)
+                rows = out2[s:e]
+                if b0 is None:
+                    rows.mul_(g)
+                else:
+                    rows.sub_(b0).mul_(g).add_(b0)
+
+    def finish_per_token(self, layer: PoolLayer, out2: torch.Tensor, token_slots: torch.Tensor) -> None:
+        """`finish` for one slot index per token: fixed shapes, no host work, capturable."""
+        if layer.bias is not None:
+            out2.add_(layer.bias.index_select(0, token_slots).to(out2.dtype))
+        if layer.mag is not None and layer.dora_mask is not None:
+            g = layer.mag.index_select(0, token_slots).to(out2.dtype)
+            b0 = layer.base_bias
+            scaled = out2 * g if b0 is None else (out2 - b0) * g + b0
+            # Rows of other slots are left bit for bit as they were (x * 1 is exact, (x - b) + b is not).
+            out2.copy_(torch.where(layer.dora_mask.index_select(0, token_slots).unsqueeze(1), scaled, out2))
 
     def per_token(self, layer: PoolLayer, x2: torch.Tensor, out2: torch.Tensor, token_slots: torch.Tensor) -> None:
         """y[t] += B[s(t)]^T @ (A[s(t)] @ x[t]) for every token, at the full r_cap (zero-padded ranks

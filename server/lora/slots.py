@@ -2,7 +2,9 @@
 
 Owns: turning a validated PEFT folder (`weights.read_adapter`) into per-layer slot weights
 (A (r, in), scale * B^T (r, out), with PEFT's own scaling: lora_alpha / r, / sqrt(r) with rsLoRA,
-rank_pattern and alpha_pattern per module), refusing what the slot path does not compute exactly
+rank_pattern and alpha_pattern per module; scale * lora_B.bias for `lora_bias`; for DoRA the
+per-output-row factor magnitude / ||W + scale * B A|| from the base's own weight, which is what
+PEFT recomputes every forward), refusing what the slot path does not compute exactly
 (a 422 naming the feature; the config itself is allow-listed before, by config_check.py),
 name -> slot and identity, a host tier of recently evicted adapters
 (their prepared tensors kept in RAM, so a reload skips the disk), and blends: PEFT's
@@ -24,7 +26,8 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,8 +35,11 @@ from torch import nn
 
 from ..errors import InvalidAdapter, Overloaded
 from .pool import LoraPool
+from .swap import prepare_swaps
 
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias"
+                  r"|lora_magnitude_vector)$")
+_PART = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias", "lora_magnitude_vector": "mag"}
 
 @dataclass
 class Prepared:
@@ -41,6 +47,10 @@ class Prepared:
 
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     files: Any                      # the AdapterFiles (config + tensors) it came from, for blends
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)   # path -> scale * lora_B.bias (out,)
+    mag: dict[str, torch.Tensor] = field(default_factory=dict)    # path -> DoRA's row factor (out,)
+    copies: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # trained copies (swap.py)
+    embedding: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # embedding LoRA
 
 
 def _inside(module: str, layers: Any) -> bool:
@@ -53,31 +63,30 @@ def _inside(module: str, layers: Any) -> bool:
     return False
 
 
-def prepare(name: str, files: Any, pool: LoraPool, model_modules: set[str]) -> Prepared:
-    """Map an adapter's tensors onto the pool's layers, with PEFT's per-module scaling."""
+def _dora_factor(name: str, path: str, base: Any, a: torch.Tensor, b: torch.Tensor, scale: float,
+                 magnitude: torch.Tensor) -> torch.Tensor:
+    """magnitude / ||W + scale * B A|| per output row, W (out, in) as PEFT's DoRA layer sees it."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    if base is None:
+        raise InvalidAdapter(f"adapter {name!r}: DoRA needs the base layer {path}", code="unsupported_adapter")
+    w = dequantize_module_weight(base).detach().float()
+    if type(base).__name__ == "Conv1D":  # GPT-2 stores (in, out): PEFT's fan_in_fan_out transpose
+        w = w.T
+    norm = torch.linalg.norm(w + scale * (b.float() @ a.float()), dim=1)
+    factor: torch.Tensor = magnitude.float() / norm
+    return factor
+
+
+def prepare(name: str, files: Any, pool: LoraPool, model_modules: set[str],
+            base_of: Callable[[str], Any] | None = None) -> Prepared:
+    """Map an adapter's tensors onto the pool's layers, with PEFT's per-module scaling.
+    `base_of(path)`: the base's own layer at a pool path (DoRA's norms read its weight)."""
     from peft.tuners.tuners_utils import check_target_module_exists
     from peft.utils.other import get_pattern_key
 
     config = files.config  # allow-listed by weights.read_adapter (config_check.py)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in files.tensors.items():
-        m = _KEY.match(key)
-        if m is None:
-            raise InvalidAdapter(f"adapter {name!r}: tensor {key} is not a LoRA A/B weight of a linear layer "
-                                 "(embedding LoRA, DoRA magnitudes and trained modules are not served)",
-                                 code="unsupported_adapter")
-        path = m.group("module")
-        if path not in pool.layers:
-            if path in model_modules:
-                raise InvalidAdapter(f"adapter {name!r}: LoRA on {path}, which is not a linear layer of the "
-                                     "model's blocks (LoRA on the output head or embeddings is not served)",
-                                     code="unsupported_adapter")
-            raise InvalidAdapter(f"adapter {name!r}: tensor {key} targets {path}, which this base model lacks",
-                                 code="wrong_base")
-        parts.setdefault(path, {})[m.group("part")] = t
-    if not parts:
-        raise InvalidAdapter(f"adapter {name!r}: none of its {len(files.tensors)} tensors matches a layer of this "
-                             "base model", code="wrong_base")
+
     def targeted(module: str) -> bool:
         # PEFT's "all-linear" (a hand-written config; PEFT saves the expanded names) is every linear
         # layer but the output head: the pool's layers exactly.
@@ -85,6 +94,39 @@ def prepare(name: str, files: Any, pool: LoraPool, model_modules: set[str]) -> P
             return module in pool.layers
         return bool(check_target_module_exists(config, module))
 
+    def rank_alpha(path: str) -> tuple[int, float]:
+        r = int(config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), path), config.r)) \
+            if config.rank_pattern else int(config.r)
+        alpha = float(config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), path), config.lora_alpha)) \
+            if config.alpha_pattern else float(config.lora_alpha)
+        return r, alpha
+
+    def scale_of(path: str) -> tuple[int, float]:
+        r, alpha = rank_alpha(path)
+        return r, alpha / math.sqrt(r) if config.use_rslora else alpha / r
+
+    wrapped = set(pool.layers) | set(pool.swaps)
+    originals = {m for m in model_modules if not _inside(m, wrapped)}  # the model's names, not our `.base`s
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in files.tensors.items():
+        m = _KEY.match(key)
+        path = m.group("module") if m else ""
+        if m is None:
+            rest[key] = t  # maybe a trained copy or embedding LoRA (swap.py); else refused there
+            continue
+        if path not in model_modules:
+            raise InvalidAdapter(f"adapter {name!r}: tensor {key} targets {path}, which this base model lacks",
+                                 code="wrong_base")
+        if path not in pool.layers:
+            raise InvalidAdapter(f"adapter {name!r}: LoRA on {path}, which is not a linear layer of the "
+                                 "model's blocks (linear LoRA on the output head or a norm is not served)",
+                                 code="unsupported_adapter")
+        parts.setdefault(path, {})[_PART[m.group("part")]] = t
+    swapped = prepare_swaps(name, config, rest, pool, originals, targeted, scale_of)
+    if not parts and not swapped.copies and not swapped.embedding:
+        raise InvalidAdapter(f"adapter {name!r}: none of its {len(files.tensors)} tensors matches a layer of this "
+                             "base model", code="wrong_base")
     missing = [p for p in pool.layers if p not in parts and targeted(p)]
     if missing:  # PEFT would give such a layer its own initial weights: not what was trained
         raise InvalidAdapter(f"adapter {name!r}: {len(missing)} targeted layers have no weights in the file "
@@ -96,25 +138,29 @@ def prepare(name: str, files: Any, pool: LoraPool, model_modules: set[str]) -> P
         raise InvalidAdapter(f"adapter {name!r}: the file holds weights for {len(untargeted)} layers its config does "
                              f"not target (first: {untargeted[0]}; see target_modules, layers_to_transform, "
                              "exclude_modules): PEFT would not apply them", code="invalid_weights")
-    # A target outside the blocks' linear layers (lm_head, embed_tokens, a norm) gets a LoRA layer
-    # from PEFT, initialised or refused by it; none is served here, so it is refused by name.
-    outside = sorted(m for m in model_modules if m and m not in pool.layers and not _inside(m, pool.layers)
+    # A target outside the blocks' linear layers (lm_head, a norm; the embeddings without their LoRA
+    # tensors) gets a LoRA layer from PEFT, initialised or refused by it: refused by name.
+    outside = sorted(m for m in originals if m and m not in pool.layers and m not in swapped.embedding
                      and targeted(m))
     if outside:
         raise InvalidAdapter(f"adapter {name!r}: target_modules matches {outside[0]}"
                              f"{f' (and {len(outside) - 1} more)' if len(outside) > 1 else ''}, which is not a linear "
-                             "layer of the model's blocks (LoRA on the output head, embeddings or norms is not served)",
-                             code="unsupported_adapter")
-    weights = {}
+                             "layer of the model's blocks nor the input embeddings with their LoRA weights (LoRA on "
+                             "the output head or norms is not served)", code="unsupported_adapter")
+    # PEFT gives a layer of a lora_bias / DoRA config a bias / magnitude of its own making when the
+    # file lacks one, and ignores one its config does not ask for: either way not what was trained.
+    expect = {"A", "B"} | ({"bias"} if config.lora_bias else set()) | ({"mag"} if config.use_dora else set())
+    what = {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias (lora_bias)",
+            "mag": "lora_magnitude_vector (DoRA)"}
+    weights, biases, mags = {}, {}, {}
     for path, ab in parts.items():
         layer = pool.layers[path]
-        if set(ab) != {"A", "B"}:
-            raise InvalidAdapter(f"adapter {name!r}: {path} has lora_{'A' if 'A' not in ab else 'B'} missing",
+        if set(ab) != expect:
+            odd = sorted(set(ab) ^ expect)[0]
+            raise InvalidAdapter(f"adapter {name!r}: {path}: {what[odd]} is "
+                                 f"{'missing' if odd in expect else 'in the file but not in its config'}",
                                  code="invalid_weights")
-        r = int(config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), path), config.r)) \
-            if config.rank_pattern else int(config.r)
-        alpha = float(config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), path), config.lora_alpha)) \
-            if config.alpha_pattern else float(config.lora_alpha)
+        r, alpha = rank_alpha(path)
         a, b = ab["A"], ab["B"]
         for part, t, want in (("A", a, (r, layer.fin)), ("B", b, (layer.fout, r))):
             if tuple(t.shape) != want:
@@ -130,7 +176,20 @@ def prepare(name: str, files: Any, pool: LoraPool, model_modules: set[str]) -> P
                 raise InvalidAdapter(f"adapter {name!r}: {path}.lora_{part} (times its scale {scale:g}) holds NaN or "
                                      f"Inf in {str(pool.dtype).removeprefix('torch.')}", code="non_finite_weights")
         weights[path] = (wa, wb)
-    return Prepared(weights, files)
+        vectors = {}
+        if "bias" in ab:
+            vectors["bias"] = biases[path] = ab["bias"].float() * scale
+        if "mag" in ab:
+            vectors["mag"] = mags[path] = _dora_factor(name, path, base_of(path) if base_of else None, a, b, scale,
+                                                       ab["mag"])
+        for part, v in vectors.items():
+            if tuple(v.shape) != (layer.fout,):
+                raise InvalidAdapter(f"adapter {name!r}: {path}: {what[part]} has shape {tuple(v.shape)}, but {path} "
+                                     f"needs ({layer.fout},)", code="wrong_base")
+            if not bool(torch.isfinite(v.to(pool.dtype)).all()):
+                raise InvalidAdapter(f"adapter {name!r}: {path}: {what[part]} holds NaN or Inf as served "
+                                     "(a zero-norm row makes DoRA's factor infinite)", code="non_finite_weights")
+    return Prepared(weights, files, biases, mags, swapped.copies, swapped.embedding)
 
 
 class AdapterSlots:
@@ -143,6 +202,15 @@ class AdapterSlots:
         self.loaded: dict[str, Prepared] = {}
         self._host: OrderedDict[Any, Prepared] = OrderedDict()
         self._lock = threading.Lock()
+
+    def prepare(self, name: str, files: Any) -> Prepared:
+        return prepare(name, files, self.pool, self.model_modules, self.base_layer)
+
+    def base_layer(self, path: str) -> nn.Module:
+        """The base's own layer at a pool path (inside its SlotLinear)."""
+        base = self.model.get_submodule(path).base
+        assert isinstance(base, nn.Module)
+        return base
 
     @property
     def names(self) -> set[str]:
@@ -173,7 +241,8 @@ class AdapterSlots:
                 raise Overloaded(f"all {self.pool.slots} LoRA slots are in use (adapters.max_loaded_adapters)",
                                  retry_after=1, code="adapter_capacity")
             slot = free[0]
-            self.pool.write(slot, prepared.weights)  # a free slot: no step reads it while it is written
+            # A free slot: no step reads it while it is written.
+            self.pool.write(slot, prepared.weights, prepared.bias, prepared.mag, prepared.copies, prepared.embedding)
             # Published last, each a single assignment: a reader sees the adapter whole or not at all.
             self.identity_of[name], self.loaded[name] = identity, prepared
             self.slot_of[name] = slot
@@ -205,8 +274,7 @@ class AdapterSlots:
         # PEFT records it in the blend's config (setattr: nn.Module types attributes as tensors or modules)
         setattr(root, "name_or_path", getattr(self.model, "name_or_path", None))  # noqa: B010
         for path in self.pool.layers:
-            base = self.model.get_submodule(path).base
-            assert isinstance(base, nn.Module)
+            base = self.base_layer(path)
             node = root
             *parents, leaf = path.split(".")
             for p in parents:

@@ -37,6 +37,31 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
     sha256: str
     size_bytes: int
+    # Variants PEFT cannot blend exactly (DoRA's magnitudes, LoRA biases): such an adapter is
+    # served alone, never a source of a blend or of a per-request mix.
+    variants: tuple[str, ...] = ()
+
+
+def variants_of(config: Any, tensor_names: Any = ()) -> tuple[str, ...]:
+    """The variant names of a config (a LoraConfig or its raw JSON object) and its tensors' names."""
+    def get(key: str) -> Any:
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+    found = [label for key, label in (("use_dora", "DoRA"), ("lora_bias", "lora_bias"),
+                                      ("modules_to_save", "modules_to_save")) if get(key)]
+    if any("lora_embedding_" in k for k in tensor_names):
+        found.append("embedding LoRA")
+    return tuple(found)
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """A safetensors file's tensor names, from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception:  # a broken file: listed now, refused with its reason when it is loaded (read_adapter)
+        return []
 
 
 @dataclass(frozen=True)
@@ -79,7 +104,8 @@ def describe_adapter(folder: Path) -> AdapterInfo:
         targets = raw.get("target_modules") or ()
         target_tuple = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
         return AdapterInfo(folder.resolve(), int(raw["r"]), float(raw.get("lora_alpha", raw["r"])), target_tuple,
-                           _hash_files([cfg_path, w_path]), cfg_path.stat().st_size + w_path.stat().st_size)
+                           _hash_files([cfg_path, w_path]), cfg_path.stat().st_size + w_path.stat().st_size,
+                           variants_of(raw, _tensor_names(w_path)))
     except (OSError, ValueError, KeyError, TypeError, OverflowError, AttributeError) as e:
         raise InvalidAdapter(f"{folder}: unreadable adapter ({type(e).__name__}: {e})", code="invalid_config") from None
 
@@ -140,5 +166,6 @@ def read_adapter(folder: Path, *, max_rank: int) -> AdapterFiles:
         target_modules=target_tuple,
         sha256=_hash_files([cfg_path, w_path]),
         size_bytes=cfg_path.stat().st_size + w_path.stat().st_size,
+        variants=variants_of(config, tensors),
     )
     return AdapterFiles(info=info, config=config, tensors=tensors)

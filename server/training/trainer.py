@@ -65,6 +65,9 @@ class TrainOptions:
     eval_fraction: float = 0.1
     seed: int = 0
     qlora: bool = False
+    dora: bool = False                         # PEFT's use_dora (served exactly: server/lora/slots.py)
+    rslora: bool = False                       # PEFT's use_rslora
+    modules_to_save: list[str] | None = None   # trained in full (served per row: server/lora/swap.py)
     gradient_checkpointing: bool = False
     precision: str = "auto"                    # auto | fp32 | bf16 | fp16
     optim: str = "auto"                        # auto: paged 8-bit AdamW on CUDA, AdamW elsewhere
@@ -163,6 +166,7 @@ def _peft_model(model: Any, opts: TrainOptions) -> Any:
     if targets == ["all-linear"]:
         targets = "all-linear"
     cfg = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=targets,
+                     use_dora=opts.dora, use_rslora=opts.rslora, modules_to_save=opts.modules_to_save,
                      task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, cfg)

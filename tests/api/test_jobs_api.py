@@ -84,6 +84,8 @@ def test_train_job_with_bad_data_fails_naming_the_line(jobs_client, data_dir):
     ({"name": "../up"}, 400, "invalid_name"),
     ({"rank": 512}, 400, "rank_too_large"),
     ({"target_modules": ["q_proj; rm -rf /"]}, 400, None),
+    ({"modules_to_save": ["lm_head --replace"]}, 400, None),
+    ({"dora": "yes please"}, 400, None),
     ({"epochs": -1}, 400, None),
     ({"surprise": 1}, 400, None),
 ])
@@ -126,3 +128,17 @@ def test_unknown_jobs_and_auth(jobs_client):
     for headers, status in (({}, 401), ({"Authorization": "Bearer inf"}, 403), ({"Authorization": "Bearer x"}, 401)):
         assert client.post("/admin/train", json=TRAIN, headers=headers).status_code == status
         assert client.get("/admin/jobs", headers=headers).status_code == status
+
+
+def test_the_variant_flags_reach_the_trainers_command_line(jobs_client):
+    """POST /admin/train's dora / rslora / modules_to_save become the CLI flags the job runs."""
+    from server.api.jobs import TrainBody, _train_argv
+    from server.cli import build_parser
+
+    client = jobs_client()
+    state = client.app.state.loraplex
+    body = TrainBody(**{**TRAIN, "dora": True, "rslora": True, "modules_to_save": ["lm_head", "norm"]})
+    args = build_parser().parse_args(_train_argv(state, body, state.config.path("d.jsonl")))
+    assert args.dora and args.rslora and args.modules_to_save == "lm_head,norm"
+    plain = build_parser().parse_args(_train_argv(state, TrainBody(**TRAIN), state.config.path("d.jsonl")))
+    assert not plain.dora and not plain.rslora and plain.modules_to_save is None

@@ -42,10 +42,9 @@ HOSTILE = {
     "init-loftq": ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, None, "init_lora_weights"),
     "layer-replication": ({"layer_replication": [[0, 1], [0, 1]]}, None, "layer_replication"),
     "trainable-tokens": ({"trainable_token_indices": [1, 2]}, None, "trainable_token_indices"),
-    "dora": ({"use_dora": True}, None, "use_dora"),
-    "lora-bias": ({"lora_bias": True}, None, "lora_bias"),
     "bias-all": ({"bias": "all"}, None, "bias"),
-    "modules-to-save": ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
+    "modules-to-save-without-copy": ({"modules_to_save": ["lm_head"]}, None, "trained copy of lm_head holds []"),
+    "modules-to-save-a-block": ({"modules_to_save": ["mlp"]}, None, "not the input embeddings, the output head"),
     "target-parameters": ({"target_parameters": ["model.layers.0.mlp.up_proj.weight"]}, None, "target_parameters"),
     "unknown-field": ({"use_magic": True}, None, "use_magic"),
     # finding 2: numbers that are not finite

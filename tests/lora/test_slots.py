@@ -71,10 +71,10 @@ def test_gpt2_conv1d_is_transposed():
 
 @pytest.mark.parametrize("tensors,match,code", [
     ({P + "model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)}, "lacks", "wrong_base"),
-    ({"something.else": torch.zeros(1)}, "not a LoRA A/B weight", "unsupported_adapter"),
+    ({"something.else": torch.zeros(1)}, "not a LoRA weight, bias or DoRA magnitude", "unsupported_adapter"),
     ({P + "model.norm.lora_A.weight": torch.zeros(4, 64)}, "not a linear layer", "unsupported_adapter"),
     ({P + "lm_head.lora_A.weight": torch.zeros(4, 64)}, "output head", "unsupported_adapter"),
-    ({P + "model.embed_tokens.lora_embedding_A": torch.zeros(4, 100)}, "embedding", "unsupported_adapter"),
+    ({P + "model.embed_tokens.lora_embedding_A": torch.zeros(4, 100)}, "does not target", "invalid_weights"),
 ])
 def test_what_does_not_map_is_refused(tensors, match, code):
     pool, modules = wrapped(tiny_llama(100))

@@ -134,3 +134,53 @@ def test_sigterm_stops_at_a_checkpoint(tiny_model_dir, tmp_path, data_file):
     assert "--resume continues" in err
     assert newest_complete_checkpoint(work_dir(store, "t") / "checkpoints") is not None
     assert not (store / "t").exists()
+
+
+@pytest.mark.parametrize("variant", [
+    dict(dora=True, rslora=True, target_modules=["q_proj", "v_proj", "up_proj"]),
+    dict(modules_to_save=["lm_head", "norm"], target_modules=["q_proj", "embed_tokens"]),
+], ids=["dora-rslora", "modules-to-save-and-embedding-lora"])
+def test_a_variant_adapter_trained_here_is_served_as_peft_computes_it(tiny_model_dir, tmp_path, data_file, variant):
+    """Issues 14/16: what `--dora --rslora` or `--modules-to-save` trains, the engine serves with
+    PEFT's greedy tokens."""
+    import asyncio
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from server.config import load_config
+    from server.engine.loop import TorchEngine
+    from server.engine.types import GenerationRequest, SamplingParams
+
+    card = run(tiny_model_dir, tmp_path, opts(data_file, "dr", max_steps=6, **variant))
+    folder = tmp_path / "dr"
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    keys = list(load_file(str(folder / "adapter_model.safetensors")))
+    if variant.get("dora"):
+        assert card["hyperparameters"]["dora"] and card["hyperparameters"]["rslora"]
+        assert saved["use_dora"] is True and saved["use_rslora"] is True
+        assert any("lora_magnitude_vector" in k for k in keys)
+    else:
+        assert saved["modules_to_save"] == ["lm_head", "norm"] and any(k.endswith("lm_head.weight") for k in keys)
+        assert any("lora_embedding_A" in k for k in keys)
+    cfg = load_config(overrides={"model.model": str(tiny_model_dir), "model.dtype": "float32"})
+    eng = TorchEngine(cfg.model, cfg.engine, cache_dir=tmp_path / "cache")
+    eng.start()
+    try:
+        async def served():
+            await eng.wait_ready()
+            await eng.load_adapter("dr", folder)
+            req = GenerationRequest("r", eng.tokenizer.encode("hello world 3"),
+                                    SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), "dr")
+            return [t for ev in [e async for e in eng.submit(req)] for t in ev.token_ids], eng.tokenizer
+        got, tok = asyncio.run(served())
+    finally:
+        eng.shutdown()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(base, folder).eval()
+    ids = tok.encode("hello world 3")
+    with torch.no_grad():
+        want = peft.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)[0, len(ids):].tolist()
+    assert got == want
