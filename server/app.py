@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -70,6 +71,23 @@ def _state_gauges(metrics: Metrics, engine: Engine, registry: Registry) -> None:
     metrics.gauge("loraplex_adapters_loaded", "Adapters, blends and per-request mixes in memory", count("loaded"))
     metrics.gauge("loraplex_adapters_pinned", "Adapters pinned in memory", count("pinned"))
     metrics.gauge("loraplex_blends_registered", "Named blends registered", count("blends"))
+    # For routers (a Kubernetes router, the Gateway API Inference Extension's endpoint picker):
+    # where each adapter is, and vLLM's lora_requests_info in its label format (README, "Routers").
+    metrics.gauge("loraplex_kv_cache_usage_ratio", "Fraction (0 to 1) of the KV pool's token positions in use",
+                  lambda: (lambda st: st.kv_cache_tokens / st.kv_cache_capacity_tokens
+                           if st.kv_cache_capacity_tokens else None)(engine.stats()))
+    metrics.labelled_gauge("loraplex_adapter_resident", "1 for each registered adapter or blend, by tier: "
+                           "memory (in a LoRA slot, served at once) or disk (loaded on its next request)",
+                           ("adapter", "tier"),
+                           lambda: [((e.name, "memory" if e.loaded else "disk"), 1.0) for e in registry.entries()])
+
+    def lora_info() -> list[tuple[tuple[str, ...], float]]:
+        st = engine.stats()
+        return [((str(registry.capacity), ",".join(sorted(st.running_adapters)),
+                  ",".join(sorted(st.waiting_adapters))), time.time())]
+    metrics.labelled_gauge("loraplex_lora_requests_info", "The adapters of running and waiting requests and the "
+                           "LoRA slots (vLLM's lora_requests_info); the value is the time of the reading",
+                           ("max_lora", "running_lora_adapters", "waiting_lora_adapters"), lora_info)
 
 
 def _clean_exports(folder) -> None:

@@ -29,12 +29,18 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 MIX_LABEL = "~mix"
 
 
+# A labelled scrape-time gauge's read(): (label values, value) per series.
+LabelledRead = Callable[[], Iterable[tuple[tuple[str, ...], float]]]
+
+
 class _StateCollector:
     """Gauges and counters read at scrape time from callables returning numbers."""
 
-    def __init__(self, sources: dict[str, tuple[str, Callable[[], float | None]]], counters: set[str]):
+    def __init__(self, sources: dict[str, tuple[str, Callable[[], float | None]]], counters: set[str],
+                 labelled: dict[str, tuple[str, tuple[str, ...], LabelledRead]]):
         self.sources = sources
         self.counters = counters
+        self.labelled = labelled
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         for name, (doc, read) in self.sources.items():
@@ -44,6 +50,11 @@ class _StateCollector:
                 m = family(name, doc)
                 m.add_metric([], float(value))
                 yield m
+        for name, (doc, labels, lread) in self.labelled.items():
+            g = GaugeMetricFamily(name, doc, labels=list(labels))
+            for values, value in lread():
+                g.add_metric(list(values), float(value))
+            yield g
 
 
 class Metrics:
@@ -80,12 +91,17 @@ class Metrics:
         self._series: dict[str, set[tuple[str, ...]]] = {}   # adapter -> label tuples created, for removal
         self._state: dict[str, tuple[str, Callable[[], float | None]]] = {}
         self._counters: set[str] = set()
-        r.register(_StateCollector(self._state, self._counters))
+        self._labelled: dict[str, tuple[str, tuple[str, ...], LabelledRead]] = {}
+        r.register(_StateCollector(self._state, self._counters, self._labelled))
 
     # -- scrape-time state ---------------------------------------------------------
     def gauge(self, name: str, doc: str, read: Callable[[], float | None]) -> None:
         """Expose `read()` as gauge `name` at every scrape (None = omit)."""
         self._state[name] = (doc, read)
+
+    def labelled_gauge(self, name: str, doc: str, labels: tuple[str, ...], read: LabelledRead) -> None:
+        """Expose the series `read()` returns as gauge `name` at every scrape."""
+        self._labelled[name] = (doc, labels, read)
 
     def counter(self, name: str, doc: str, read: Callable[[], float]) -> None:
         """Expose a count kept elsewhere (it must only grow) as counter `name` (`name_total` on the wire)."""

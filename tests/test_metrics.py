@@ -156,3 +156,43 @@ def test_deploy_files_are_consistent():
     for sub in ("datasources", "dashboards"):
         for f in (ROOT / "deploy" / "grafana" / "provisioning" / sub).glob("*.yml"):
             assert yaml.safe_load(f.read_text())["apiVersion"] == 1
+
+
+def test_router_gauges_say_where_each_adapter_is_and_what_runs(c):
+    """Issue 14: loraplex_adapter_resident per adapter and tier, and vLLM's lora_requests_info in its
+    label format (what the Gateway API Inference Extension's endpoint picker reads)."""
+    import time
+
+    traffic(c)
+    fams = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+    resident = {(s.labels["adapter"], s.labels["tier"]): s.value for s in fams["loraplex_adapter_resident"].samples}
+    listed = {a["name"]: a["loaded"] for a in c.get("/admin/adapters", headers=ADMIN).json()["data"]}
+    assert resident == {(n, "memory" if loaded else "disk"): 1.0 for n, loaded in listed.items()}
+    [info] = fams["loraplex_lora_requests_info"].samples
+    assert info.labels["max_lora"] == str(c.app.state.loraplex.registry.capacity)
+    assert info.labels["running_lora_adapters"] == "" and info.labels["waiting_lora_adapters"] == ""
+    assert abs(info.value - time.time()) < 60
+    assert c.delete("/admin/adapters/beta", headers=ADMIN).status_code == 200
+    after = {s.labels["adapter"] for f in text_string_to_metric_families(c.get("/metrics").text)
+             if f.name == "loraplex_adapter_resident" for s in f.samples}
+    assert "beta" not in after and "alpha" in after
+
+
+def test_the_inference_pool_example_agrees_with_itself_and_the_metrics(c):
+    import yaml
+
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "inferencepool.yaml").read_text()))
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    pool = by["InferencePool", "loraplex"]["spec"]
+    server = by["Deployment", "loraplex"]["spec"]["template"]
+    assert pool["selector"]["matchLabels"].items() <= server["metadata"]["labels"].items()
+    assert {p["number"] for p in pool["targetPorts"]} == {p["containerPort"] for p in server["spec"]["containers"][0]
+                                                          ["ports"]}
+    epp = by["Deployment", pool["endpointPickerRef"]["name"]]["spec"]["template"]["spec"]["containers"][0]
+    assert pool["endpointPickerRef"]["port"]["number"] in {p["containerPort"] for p in epp["ports"]}
+    assert by["Service", pool["endpointPickerRef"]["name"]]["spec"]["ports"][0]["port"] == 9002
+    named = dict(a.removeprefix("--").split("=", 1) for a in epp["args"] if "=" in a)
+    assert named["pool-name"] == "loraplex"
+    exposed = {f.name for f in text_string_to_metric_families(c.get("/metrics").text)}
+    metrics = [v for k, v in named.items() if k.endswith("-metric")]
+    assert len(metrics) == 4 and set(metrics) <= exposed

@@ -27,7 +27,7 @@ from ..lora.blend import BlendSpec
 from ..lora.weights import AdapterInfo, describe_adapter, read_adapter
 from .grammar import Grammars, LazyGrammars, Structured
 from .sequence import Sequence
-from .types import EngineStats, GenerationEvent, GenerationRequest, TokenLogprob
+from .types import EngineStats, GenerationEvent, GenerationRequest, TokenLogprob, adapter_names
 
 EOS = 256
 
@@ -91,6 +91,7 @@ class FakeEngine:
         self.submitted: list[GenerationRequest] = []   # every request, for tests to inspect
         self.aborted: set[str] = set()
         self.running: set[str] = set()
+        self._running_adapters: dict[str, list[str]] = {}  # request id -> adapter names
         self.structured: list[Structured] = []         # every constraint compiled, for tests
         self._grammars = LazyGrammars(lambda: Grammars.from_raw_vocab([bytes([i]) for i in range(256)] + [b"</s>"],
                                                                       [EOS]))
@@ -131,6 +132,7 @@ class FakeEngine:
             raise Overloaded(f"{len(self.running)} requests running; retry later", retry_after=1, code="queue_full")
         self.submitted.append(request)
         self.running.add(request.request_id)
+        self._running_adapters[request.request_id] = adapter_names(request)
         return self._generate(request)
 
     async def compile_structured(self, s: Structured) -> object:
@@ -141,7 +143,8 @@ class FakeEngine:
         return compiled
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self.running), waiting=0, kv_cache_tokens=0)
+        return EngineStats(running=len(self.running), waiting=0, kv_cache_tokens=0, kv_cache_capacity_tokens=1 << 16,
+                           running_adapters=frozenset(n for ns in self._running_adapters.values() for n in ns))
 
     def abort(self, request_id: str) -> None:
         if request_id in self.running:
@@ -191,6 +194,7 @@ class FakeEngine:
             if not done:
                 self.aborted.add(request.request_id)
             self.running.discard(request.request_id)
+            self._running_adapters.pop(request.request_id, None)
 
     def _prompt_logprobs(self, request: GenerationRequest) -> list[TokenLogprob] | None:
         """Scripted prompt logprobs: token i + 1 gets -0.5 * (i + 1), rank i + 1; its top k are itself

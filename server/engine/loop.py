@@ -45,7 +45,7 @@ from .sampling import NO_TOKEN, sample
 from .scheduler import Budget, Scheduler
 from .sequence import token_finish
 from .tokens import HFPromptTokenizer
-from .types import EngineStats, GenerationEvent, GenerationRequest
+from .types import EngineStats, GenerationEvent, GenerationRequest, adapter_names
 
 log = logging.getLogger("loraplex.engine")
 T = TypeVar("T")
@@ -186,7 +186,9 @@ class TorchEngine:
             st = dataclasses.replace(st, gpu_memory_bytes=torch.cuda.memory_allocated(self._runner.device))
         with self._lock:
             queued = len(self._waiting)
-        return dataclasses.replace(st, waiting=st.waiting + queued)
+            queued_adapters = {n for p in self._waiting for n in adapter_names(p.request)}
+        return dataclasses.replace(st, waiting=st.waiting + queued,
+                                   waiting_adapters=st.waiting_adapters | queued_adapters)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -468,12 +470,17 @@ class TorchEngine:
     def _report(self, tokens: int, t0: float | None = None) -> None:
         b, sched = self._kv_blocks, self._sched
         running = len(sched.running) if sched else 0
+        in_batch = {id(kv) for kv in sched.running} if sched else set()
+        names: tuple[set[str], set[str]] = (set(), set())  # (running, waiting)
+        for lv in self._live.values():
+            names[id(lv.kv) not in in_batch].update(adapter_names(lv.pending.request))
         self._stats = EngineStats(
             running=running, waiting=len(sched.waiting) if sched else 0,
             kv_cache_tokens=b.used_blocks * b.block_size if b else 0, admission_waits=self._admission_waits,
             kv_cache_capacity_tokens=b.num_blocks * b.block_size if b else 0,
             prefix_cache_queries=b.queries if b else 0, prefix_cache_hits=b.hits if b else 0,
-            preemptions=self._preemptions)
+            preemptions=self._preemptions, running_adapters=frozenset(names[0]),
+            waiting_adapters=frozenset(names[1]))
         if self.on_step is not None and tokens and t0 is not None:
             self.on_step(running, time.perf_counter() - t0)
 

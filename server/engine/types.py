@@ -105,3 +105,13 @@ class EngineStats:
     prefix_cache_queries: int = 0   # prompt tokens looked up in the prefix cache (grows)
     prefix_cache_hits: int = 0      # of those, tokens found cached (grows)
     preemptions: int = 0            # sequences sent back to waiting when the KV pool ran out (grows)
+    # Adapter names (not versions) of the requests in the running batch and of those waiting.
+    running_adapters: frozenset[str] = frozenset()
+    waiting_adapters: frozenset[str] = frozenset()
+
+
+def adapter_names(request: GenerationRequest) -> list[str]:
+    """The registered names a request uses (its adapter, or its mix's sources): an engine name
+    "name~N" (the N-th replacement, see server/entries.py) is reported as "name"."""
+    keys = [request.adapter] if request.adapter else [k for k, _ in request.mix]
+    return [k.split("~", 1)[0] for k in keys]

@@ -95,3 +95,40 @@ def test_a_disconnect_frees_its_row_within_a_step(engine):
         engine.on_step = None
     # At most the step already under way ran with 3 rows; the next one has 2.
     assert len([n for n in after if n == 3]) <= 1, after
+
+
+def test_stats_name_the_adapters_running_and_waiting(tiny_model_dir, tiny_store, tmp_path):
+    """What loraplex_lora_requests_info reports: with one row a step, the adapter of the running
+    request is running and the other's waits; a replaced version ("name~N") is reported by name."""
+    cfg = load_config(overrides={"model.model": str(tiny_model_dir), "model.dtype": "float32",
+                                 "engine.max_batch_size": 1})
+    eng = TorchEngine(cfg.model, cfg.engine, cache_dir=tmp_path / "cache")
+    eng.start()
+
+    async def main():
+        await eng.wait_ready()
+        await eng.load_adapter("alpha~3", tiny_store / "alpha")
+        await eng.load_adapter("beta", tiny_store / "beta")
+        gens = []
+        for rid, adapter in (("a", "alpha~3"), ("b", "beta")):
+            r = request(eng, rid, None, 100)
+            gens.append(eng.submit(GenerationRequest(r.request_id, r.prompt_ids, r.params, adapter)))
+        await gens[0].__anext__()
+        first = asyncio.create_task(gens[1].__anext__())  # queued behind the one row
+        deadline = time.monotonic() + 30
+        while not eng.stats().waiting_adapters and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        st = eng.stats()
+        first.cancel()
+        try:
+            await first
+        except (asyncio.CancelledError, StopAsyncIteration):
+            pass
+        for g in gens:
+            await g.aclose()
+        return st
+    try:
+        st = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert st.running_adapters == {"alpha"} and st.waiting_adapters == {"beta"}, st
