@@ -37,7 +37,7 @@ test: setup promtool lint
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 # While working: the unit tests, without the end-to-end, subprocess and Ray ones (about 2 minutes).
-test-fast: setup
+test-fast: setup promtool
 	$(BIN)/python -m pytest -q -ra -m "not e2e and not slow and not gpu" $(PYTEST_ARGS)
 
 # ruff (the rules in pyproject.toml) over the code, the tests and the load tests; mypy over the package.

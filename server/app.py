@@ -126,7 +126,8 @@ def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_fai
     _state_gauges(metrics, engine, registry)
     metrics.gauge("loraplex_jobs_running", "Background jobs running", lambda: jobs.count("running"))
     metrics.gauge("loraplex_jobs_queued", "Background jobs waiting", lambda: jobs.count("queued"))
-    state = AppState(config=config, engine=engine, registry=registry, api_keys=config.api_keys(),
+    scopes = config.api_key_scopes()
+    state = AppState(config=config, engine=engine, registry=registry, api_keys=list(scopes), key_scopes=scopes,
                      metrics=metrics, admin_token=config.admin_token(), jobs=jobs)
 
     @asynccontextmanager

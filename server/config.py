@@ -29,6 +29,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_
 from pydantic.dataclasses import dataclass as section
 
 from .errors import ConfigError
+from .scopes import Scope, parse_key
 
 ENV_PREFIX = "LORAPLEX_"
 
@@ -210,10 +211,23 @@ class Config:
         return p if p.is_absolute() else (self.base_dir / p)
 
     def api_keys(self) -> list[str]:
-        keys = list(self.server.api_keys)
+        """The bare keys (a scoped entry `KEY: PATTERN ...` gives KEY)."""
+        return list(self.api_key_scopes())
+
+    def api_key_scopes(self) -> dict[str, Scope | None]:
+        """Each key and the adapters it may use (None: every one); server/scopes.py."""
+        entries = [(k, "server.api_keys") for k in self.server.api_keys]
         if self.server.api_keys_file:
-            keys += _read_secret_lines(self.path(self.server.api_keys_file), "server.api_keys_file")
-        return [k for k in keys if k]
+            entries += [(k, "server.api_keys_file") for k in
+                        _read_secret_lines(self.path(self.server.api_keys_file), "server.api_keys_file")]
+        scopes: dict[str, Scope | None] = {}
+        for entry, where in entries:
+            if entry.strip():
+                key, scope = parse_key(entry, where)
+                if key in scopes and scopes[key] != scope:
+                    raise ConfigError(f"{where}: one key is listed twice with different scopes")
+                scopes[key] = scope
+        return scopes
 
     def admin_token(self) -> str:
         if self.server.admin_token:

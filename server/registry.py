@@ -49,6 +49,8 @@ from .state import Record, State, StateFile
 
 log = logging.getLogger("loraplex.registry")
 
+Allowed = Callable[[str], bool]  # an API key's scope (server/scopes.py): may this key use the name?
+
 class Registry:
     def __init__(self, engine: Engine, store: Path, *, capacity: int = 16, roots: list[Path] | None = None,
                  observer: Observer | None = None, slot_wait_s: float = 0.0):
@@ -106,27 +108,27 @@ class Registry:
         return {"registered": len(listed), "loaded": self._loaded_count(),
                 "pinned": sum(e.pinned for e in listed), "blends": sum(e.kind == "blend" for e in listed)}
 
-    def resolve(self, model: str) -> str | None:
-        """The adapter or blend a request's `model` names (None for the base); NotFound otherwise."""
+    def resolve(self, model: str, allowed: Allowed | None = None) -> str | None:
+        """The adapter or blend a request's `model` names (None for the base); NotFound otherwise.
+        `allowed` (the API key's scope): a name outside it is answered as a name nobody serves."""
         base = self.base_id
-        if model == base:
-            return None
-        name = model[len(base) + 1:] if model.startswith(base + ":") else model
-        if self._visible(name) is None:
+        name = None if model == base else model[len(base) + 1:] if model.startswith(base + ":") else model
+        if (name is not None and self._visible(name) is None) or (allowed is not None and not allowed(name or base)):
+            known = sum(1 for e in self.entries() if allowed is None or allowed(e.name))
             raise NotFound(f"The model {model!r} does not exist (known: the base {base!r} and "
-                           f"{len(self.entries())} adapters; see GET /v1/models)", param="model",
-                           code="model_not_found")
+                           f"{known} adapters; see GET /v1/models)", param="model", code="model_not_found")
         return name
 
     # -- leases ------------------------------------------------------------------------
-    async def acquire(self, model: str, mix: list[tuple[str, float]] | None = None) -> Lease:
+    async def acquire(self, model: str, mix: list[tuple[str, float]] | None = None,
+                      allowed: Allowed | None = None) -> Lease:
         """Lease the adapter a request names (loading it if evicted). Release with `release`."""
-        name = self.resolve(model)
+        name = self.resolve(model, allowed)
         if mix:
             if name is not None:
                 raise InvalidRequest("`adapters` blends on top of the base model: set `model` to the base id "
                                      f"{self.base_id!r}", param="adapters")
-            return await self._acquire_mix(mix)
+            return await self._acquire_mix(mix, allowed)
         if name is None:
             return Lease(None)
         e = self._entries[name]
@@ -169,11 +171,12 @@ class Registry:
                 e.idle.set()
                 self._went_idle.set()
 
-    async def _acquire_mix(self, mix: list[tuple[str, float]]) -> Lease:
+    async def _acquire_mix(self, mix: list[tuple[str, float]], allowed: Allowed | None) -> Lease:
         spec = BlendSpec(tuple(mix), "cat")
+        usable = [e for e in self.entries() if allowed is None or allowed(e.name)]  # others are "unknown"
         try:
-            check_spec(spec, {e.name: e.info.rank for e in self.entries()})
-            check_blendable(spec, {e.name: e.info.variants for e in self.entries()}, "a per-request mix")
+            check_spec(spec, {e.name: e.info.rank for e in usable})
+            check_blendable(spec, {e.name: e.info.variants for e in usable}, "a per-request mix")
         except InvalidAdapter as e:
             raise InvalidRequest(e.message, param="adapters", code=e.code) from None
         # The engine names each source by its current version: a source replaced later is not mixed.

@@ -24,7 +24,8 @@ from ..engine.protocol import Engine
 from ..errors import Forbidden, LoraplexError, NotReady, Unauthorized
 from ..jobs import JobManager
 from ..metrics import Metrics
-from ..registry import Registry
+from ..registry import Allowed, Registry
+from ..scopes import Scope as KeyScope
 from .errors import body as error_body
 
 
@@ -41,10 +42,17 @@ class AppState:
     load_error: str | None = None
     draining: bool = False          # SIGTERM received: not ready, new requests 503, running ones finish
     jobs: JobManager | None = None  # background training and exports
+    key_scopes: dict[str, KeyScope | None] = field(default_factory=dict)  # api key -> adapters it may use
 
     @property
     def ready(self) -> bool:
         return not self.draining and self.engine.ready and self.adapters_ready
+
+
+def allowed_of(request: Request) -> Allowed | None:
+    """The adapters this request's API key may use (None: all); set by `require_inference`."""
+    allowed: Allowed | None = getattr(request.state, "allowed", None)
+    return allowed
 
 
 def get_state(request: Request) -> AppState:
@@ -66,13 +74,27 @@ def _matches(token: str, keys: list[str]) -> bool:
     return found
 
 
+def _matching(token: str, keys: list[str]) -> str | None:
+    """The key equal to `token`, comparing against every key so timing says nothing."""
+    found = None
+    for k in keys:
+        if hmac.compare_digest(token.encode(), k.encode()):
+            found = k
+    return found
+
+
 def require_inference(request: Request) -> AppState:
-    """Dependency of every /v1 inference route: API key (when configured), then readiness."""
+    """Dependency of every /v1 inference route: API key (when configured), then readiness.
+    The key's scope goes in `request.state.allowed` for `allowed_of`."""
     state = get_state(request)
+    request.state.allowed = None
     if state.api_keys:
         token = bearer(request)
-        if token is None or not _matches(token, state.api_keys):
+        key = _matching(token, state.api_keys) if token is not None else None
+        if key is None:
             raise Unauthorized("a valid API key is required: Authorization: Bearer KEY", code="invalid_api_key")
+        scope = state.key_scopes.get(key)
+        request.state.allowed = scope.allows if scope is not None else None
     if not state.ready:
         raise NotReady("the model is loading or the server is shutting down", code="not_ready")
     return state
@@ -107,8 +129,8 @@ def require_metrics(request: Request) -> None:
         return
     token = bearer(request)
     allowed = [state.admin_token] if state.admin_token else []
-    if access == "inference":
-        allowed += state.api_keys
+    if access == "inference":  # not a scoped key: the metrics name every adapter
+        allowed += [k for k in state.api_keys if state.key_scopes.get(k) is None]
     if not allowed:
         return  # nothing configured to check against: same as the routes it mirrors
     if token is None or not _matches(token, allowed):

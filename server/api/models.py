@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
 from ..errors import InvalidRequest
 from ..registry import Entry
 from .convert import message_dicts
-from .deps import AppState, require_inference
+from .deps import AppState, allowed_of, require_inference
 from .schemas import ChatMessage, _Wire
 
 router = APIRouter()
@@ -36,13 +36,17 @@ def _entry(state: AppState, e: Entry, id_: str | None = None) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(state: AppState = Depends(require_inference)) -> Any:
-    return {"object": "list", "data": [_base_entry(state)] + [_entry(state, e) for e in state.registry.entries()]}
+async def list_models(request: Request, state: AppState = Depends(require_inference)) -> Any:
+    """What this API key may use: everything, or its scope's adapters (and the base if it matches)."""
+    allowed = allowed_of(request)
+    base = [_base_entry(state)] if allowed is None or allowed(state.engine.model_id) else []
+    return {"object": "list", "data": base + [_entry(state, e) for e in state.registry.entries()
+                                              if allowed is None or allowed(e.name)]}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, state: AppState = Depends(require_inference)) -> Any:
-    name = state.registry.resolve(model_id)
+async def retrieve_model(model_id: str, request: Request, state: AppState = Depends(require_inference)) -> Any:
+    name = state.registry.resolve(model_id, allowed_of(request))
     return _base_entry(state) if name is None else _entry(state, state.registry.get(name), model_id)
 
 
@@ -60,14 +64,14 @@ class DetokenizeRequest(_Wire):
     tokens: list[int] = Field(max_length=1 << 20)
 
 
-def _check_model(state: AppState, model: str | None) -> None:
+def _check_model(request: Request, state: AppState, model: str | None) -> None:
     if model is not None:
-        state.registry.resolve(model)  # 404 for a name nobody serves
+        state.registry.resolve(model, allowed_of(request))  # 404 for a name nobody serves (or not this key's)
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, state: AppState = Depends(require_inference)) -> Any:
-    _check_model(state, body.model)
+async def tokenize(body: TokenizeRequest, request: Request, state: AppState = Depends(require_inference)) -> Any:
+    _check_model(request, state, body.model)
     tok = state.engine.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequest("give exactly one of prompt or messages", param="prompt")
@@ -90,8 +94,8 @@ async def tokenizer_info(state: AppState = Depends(require_inference)) -> Any:
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, state: AppState = Depends(require_inference)) -> Any:
-    _check_model(state, body.model)
+async def detokenize(body: DetokenizeRequest, request: Request, state: AppState = Depends(require_inference)) -> Any:
+    _check_model(request, state, body.model)
     tok = state.engine.tokenizer
     if any(not 0 <= t < tok.vocab_size for t in body.tokens):
         raise InvalidRequest(f"token ids must be in [0, {tok.vocab_size})", param="tokens")

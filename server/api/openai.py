@@ -36,7 +36,7 @@ from .convert import (
     usage,
     vllm_prompt_logprobs,
 )
-from .deps import AppState, require_inference
+from .deps import AppState, allowed_of, require_inference
 from .observe import RequestRecord, adapter_label
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .streaming import chat_chunks, completion_chunks, merge
@@ -122,7 +122,8 @@ async def run_request(request: Request, state: AppState, body: Any, planner: Cal
                              param=spec.param)
     spec = spec or forced
     mix = [(a.name, a.weight) for a in body.adapters] if body.adapters else None
-    lease = await state.registry.acquire(body.model, mix)  # an unknown model ends here: no metrics series
+    # An unknown model (or one outside the key's scope) ends here: no metrics series.
+    lease = await state.registry.acquire(body.model, mix, allowed_of(request))
     record = RequestRecord(state.metrics, request_id=request.state.request_id, route=route, model=body.model,
                            adapter=adapter_label(lease, state.engine.model_id))
     streaming = False
