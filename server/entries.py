@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -18,6 +19,8 @@ from typing import Protocol
 from .errors import Conflict, InvalidRequest
 from .lora.blend import BlendSpec
 from .lora.weights import AdapterInfo
+
+Allowed = Callable[[str], bool]  # an API key's scope (server/scopes.py): may this key use the name?
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -41,13 +44,19 @@ class Entry:
     use_seq: int = 0                # LRU order: a counter, not a clock, so that ties cannot happen
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     error: str | None = None        # why its last reload failed (its files changed or broke on disk)
-    # The name the engine knows it by: the name itself, or "name~N" for the N-th replacement,
-    # so the new version is loaded beside the old and the two never share a slot name.
+    # The name the engine knows it by: the name itself, "name~N" for the N-th replacement (so the
+    # new version is loaded beside the old and the two never share a slot name), or "name~VERSION"
+    # for a replaced version an alias kept, restored at start-up.
     engine_key: str = ""
 
     def __post_init__(self):
         self.idle.set()
         self.engine_key = self.engine_key or self.name
+
+    @property
+    def version(self) -> str:
+        """The immutable id of this content: its sha256's first 12 hex digits (`NAME@VERSION`)."""
+        return self.info.sha256[:12]
 
 
 @dataclass
@@ -61,6 +70,7 @@ class Lease:
     released: bool = False
     mix: tuple[tuple[str, float], ...] = ()   # (engine name, weight) per source
     name: str | None = None                    # the adapter's public name (metrics, logs)
+    version: str = ""                          # the version it serves (metrics, responses)
 
 
 class Observer(Protocol):

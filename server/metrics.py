@@ -61,8 +61,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        ad = ["adapter"]
-        self.requests = Counter("loraplex_requests", "Requests by adapter and outcome "
+        # `version`: the adapter version that served (its sha256 prefix; "" for the base and mixes), so
+        # a canary's two versions can be compared on the dashboard.
+        ad = ["adapter", "version"]
+        self.requests = Counter("loraplex_requests", "Requests by adapter, version and outcome "
                                 "(stop, length, aborted by the client, error in the engine, rejected before "
                                 "generation)", ad + ["outcome"], registry=r)
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", ad, registry=r)
@@ -112,34 +114,35 @@ class Metrics:
     def _note(self, adapter: str, *labels: str) -> None:
         self._series.setdefault(adapter, set()).add(labels)
 
-    def request_done(self, adapter: str, outcome: str, *, prompt_tokens: int = 0, generation_tokens: int = 0,
-                     ttft: float | None = None, itls: Iterable[float] = (), duration: float | None = None,
-                     queue: float | None = None) -> None:
+    def request_done(self, adapter: str, outcome: str, *, version: str = "", prompt_tokens: int = 0,
+                     generation_tokens: int = 0, ttft: float | None = None, itls: Iterable[float] = (),
+                     duration: float | None = None, queue: float | None = None) -> None:
         assert outcome in OUTCOMES, outcome
-        self.requests.labels(adapter, outcome).inc()
-        self._note(adapter, outcome)
-        self.prompt_tokens.labels(adapter).inc(prompt_tokens)
-        self.generation_tokens.labels(adapter).inc(generation_tokens)
+        self.requests.labels(adapter, version, outcome).inc()
+        self._note(adapter, version, outcome)
+        self.prompt_tokens.labels(adapter, version).inc(prompt_tokens)
+        self.generation_tokens.labels(adapter, version).inc(generation_tokens)
         if ttft is not None:
-            self.ttft.labels(adapter).observe(ttft)
-        itl = self.itl.labels(adapter)
+            self.ttft.labels(adapter, version).observe(ttft)
+        itl = self.itl.labels(adapter, version)
         for gap in itls:
             itl.observe(gap)
         if duration is not None:
-            self.e2e.labels(adapter).observe(duration)
+            self.e2e.labels(adapter, version).observe(duration)
         if queue is not None:
-            self.queue.labels(adapter).observe(queue)
+            self.queue.labels(adapter, version).observe(queue)
 
     def forget_adapter(self, adapter: str) -> None:
         """Drop every series of an adapter that is gone, so dashboards do not show ghosts."""
-        outcomes = self._series.pop(adapter, set())
-        for (outcome,) in outcomes:
-            self.requests.remove(adapter, outcome)
-        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e, self.queue):
-            try:
-                metric.remove(adapter)
-            except KeyError:
-                pass
+        seen = self._series.pop(adapter, set())
+        for version, outcome in seen:
+            self.requests.remove(adapter, version, outcome)
+        for version in {v for v, _ in seen}:
+            for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e, self.queue):
+                try:
+                    metric.remove(adapter, version)
+                except KeyError:
+                    pass
 
     # -- engine and registry callbacks -------------------------------------------
     def engine_step(self, batch_size: int, seconds: float) -> None:

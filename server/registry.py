@@ -11,9 +11,13 @@ engine's memory, and the rules around that:
   on its next request;
 - unregistering hides the name at once (new requests get 404), waits for the
   leases out on it, then frees it;
-- the registered set, pins and blends are saved to a state file after each change, written
-  before the change is visible: a new adapter, a replacement's swap, a blend or an unregister
-  takes effect only once the file says so, so a failed write (503) undoes nothing a request saw.
+- a replace loads the new version beside the old and swaps; the old one finishes its leases, or
+  stays (reachable as NAME@VERSION) while an alias names it; what a `model` string names and the
+  alias operations are versions.py's, building a blend is blends.py's;
+- the registered set, pins, blends, aliases and kept versions are saved to a state file after
+  each change, written before the change is visible: a new adapter, a replacement's swap, a blend,
+  an alias flip or an unregister takes effect only once the file says so, so a failed write (503)
+  undoes nothing a request saw.
 
 Concurrency: all state here is touched only on the event loop's thread, so a
 check and the update that follows it, with no `await` between, are one atomic
@@ -30,16 +34,17 @@ and nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .atomic import publish
+from . import blends, versions
+from .aliases import Alias
 from .engine.protocol import Engine
-from .entries import Entry, Lease, NullObserver, Observer, check_name
+from .entries import Allowed, Entry, Lease, NullObserver, Observer, check_name
 from .errors import Conflict, InvalidAdapter, InvalidRequest, NotFound, NotReady, Overloaded, StorageError
 from .lora.blend import BlendSpec, check_blendable, check_spec
 from .lora.weights import AdapterInfo, content_hash
@@ -49,7 +54,6 @@ from .state import Record, State, StateFile
 
 log = logging.getLogger("loraplex.registry")
 
-Allowed = Callable[[str], bool]  # an API key's scope (server/scopes.py): may this key use the name?
 
 class Registry:
     def __init__(self, engine: Engine, store: Path, *, capacity: int = 16, roots: list[Path] | None = None,
@@ -66,6 +70,10 @@ class Registry:
         # admin API. One bad folder is reported, never fatal.
         self.failed: dict[str, tuple[str, str]] = {}
         self._retiring: set[Entry] = set()   # replaced versions, unloaded once their requests finish
+        # Replaced versions an alias still names ("name@version" -> entry): kept, reachable only
+        # as NAME@VERSION, until no alias (rollback included) refers to them.
+        self._held: dict[str, Entry] = {}
+        self.aliases: dict[str, Alias] = {}
         self._versions = 0                   # replacements made: the N of "name~N"
         self._tasks: set[asyncio.Task] = set()  # retirements in flight (held: the loop keeps weak refs)
         self._lock = asyncio.Lock()
@@ -108,31 +116,45 @@ class Registry:
         return {"registered": len(listed), "loaded": self._loaded_count(),
                 "pinned": sum(e.pinned for e in listed), "blends": sum(e.kind == "blend" for e in listed)}
 
-    def resolve(self, model: str, allowed: Allowed | None = None) -> str | None:
-        """The adapter or blend a request's `model` names (None for the base); NotFound otherwise.
-        `allowed` (the API key's scope): a name outside it is answered as a name nobody serves."""
-        base = self.base_id
-        name = None if model == base else model[len(base) + 1:] if model.startswith(base + ":") else model
-        if (name is not None and self._visible(name) is None) or (allowed is not None and not allowed(name or base)):
-            known = sum(1 for e in self.entries() if allowed is None or allowed(e.name))
-            raise NotFound(f"The model {model!r} does not exist (known: the base {base!r} and "
-                           f"{known} adapters; see GET /v1/models)", param="model", code="model_not_found")
-        return name
+    # -- names, versions and aliases (versions.py) ------------------------------------
+    def resolve(self, model: str, allowed: Allowed | None = None, seed: str = "") -> str | None:
+        """The adapter or blend a request's `model` names (None for the base); NotFound otherwise."""
+        e = self.lookup(model, allowed, seed)
+        return None if e is None else e.name
+
+    def lookup(self, model: str, allowed: Allowed | None = None, seed: str = "") -> Entry | None:
+        return versions.lookup(self, model, allowed, seed)
+
+    def alias_json(self, name: str) -> dict[str, Any]:
+        return versions.alias_json(self, name)
+
+    async def set_alias(self, name: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        return await versions.set_alias(self, name, body)
+
+    async def rollback_alias(self, name: str) -> dict[str, Any]:
+        return await versions.rollback_alias(self, name)
+
+    async def delete_alias(self, name: str) -> None:
+        await versions.delete_alias(self, name)
+
+    async def create_blend(self, name: str, spec: BlendSpec, *, save: bool = False) -> tuple[Entry, bool]:
+        return await blends.create_blend(self, name, spec, save=save)
 
     # -- leases ------------------------------------------------------------------------
     async def acquire(self, model: str, mix: list[tuple[str, float]] | None = None,
-                      allowed: Allowed | None = None) -> Lease:
-        """Lease the adapter a request names (loading it if evicted). Release with `release`."""
-        name = self.resolve(model, allowed)
+                      allowed: Allowed | None = None, seed: str = "") -> Lease:
+        """Lease the adapter a request names (loading it if evicted). Release with `release`.
+        The lease holds one version for the whole request: a replace or an alias flip after this
+        line sends new requests elsewhere and lets this one finish on what it got."""
+        e = self.lookup(model, allowed, seed)
         if mix:
-            if name is not None:
+            if e is not None:
                 raise InvalidRequest("`adapters` blends on top of the base model: set `model` to the base id "
                                      f"{self.base_id!r}", param="adapters")
             return await self._acquire_mix(mix, allowed)
-        if name is None:
+        if e is None:
             return Lease(None)
-        e = self._entries[name]
-        lease = Lease(e.engine_key, name=name)
+        lease = Lease(e.engine_key, name=e.name, version=e.version)
         try:
             await self._take(e, lease)
         except BaseException:
@@ -192,14 +214,18 @@ class Registry:
     # -- memory ------------------------------------------------------------------------
     def _loaded_count(self) -> int:
         """Engine slots in use: loaded entries, and replaced versions still finishing requests."""
-        return sum(1 for e in self._entries.values() if e.loaded) + len(self._retiring)
+        return sum(1 for e in self._slotted() if e.loaded) + len(self._retiring)
+
+    def _slotted(self) -> list[Entry]:
+        """Entries that may hold a slot and be evicted: registered ones and versions kept for aliases."""
+        return [*self._entries.values(), *self._held.values()]
 
     async def _make_room(self, wait: float = 0.0) -> None:
         """Evict LRU idle unpinned entries until one more fits. Call with _lock held.
         With every slot serving, wait up to `wait` seconds for one to go idle, then 429."""
         deadline = time.monotonic() + wait
         while self._loaded_count() >= self.capacity:
-            idle = [e for e in self._entries.values() if e.loaded and not e.pinned and e.inflight == 0]
+            idle = [e for e in self._slotted() if e.loaded and not e.pinned and e.inflight == 0]
             if not idle and time.monotonic() < deadline:
                 self._went_idle.clear()
                 try:
@@ -250,6 +276,7 @@ class Registry:
                        replace: bool = False) -> tuple[Entry, bool]:
         """Register and load an adapter folder. Returns (entry, created)."""
         check_name(name, base_id=self.base_id)
+        versions.check_not_alias(self, name)
         folder = self.resolve_folder(path)
         existing = self._entries.get(name)
         # Only a name already taken needs the hash now (is it the same content?); a new one gets
@@ -312,20 +339,28 @@ class Registry:
                         pinned=pinned or old.pinned, created=old.created, engine_key=f"{old.name}~{self._versions}")
             await self._load_into_memory(new)  # raises: nothing changed
 
+            keep = versions.referenced(self, f"{old.name}@{old.version}")  # an alias names this version
+
             def swap() -> None:
                 self._entries[old.name] = new  # one assignment: the swap
-                if old.loaded:
+                if keep:
+                    self._held[f"{old.name}@{old.version}"] = old
+                elif old.loaded:
                     self._retiring.add(old)
             try:
-                await self._save(add=new, commit=swap)
+                await self._save(add=new, hold=old if keep else None, commit=swap)
             except BaseException:  # the old version never stopped serving
                 await self.engine.unload_adapter(new.engine_key)
                 raise
+        if old in self._retiring:
+            self._spawn_retire(old)
+        log.info("replaced %s with %s (the old version finishes its %d requests)", old.name, folder, old.inflight)
+        return new
+
+    def _spawn_retire(self, old: Entry) -> None:
         task = asyncio.get_running_loop().create_task(self._retire(old))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        log.info("replaced %s with %s (the old version finishes its %d requests)", old.name, folder, old.inflight)
-        return new
 
     async def _retire(self, old: Entry) -> None:
         await old.idle.wait()
@@ -339,6 +374,7 @@ class Registry:
         self.get(name)  # 404 at once, without waiting for the lock
         async with self._lock:
             e = self.get(name)  # again: a racing unregister or replace may have changed it meanwhile
+            versions.check_no_alias_uses(self, name)
             # A folder directly in the store (an adapter, or a blend saved there) is remembered as
             # removed, so the next start does not register it again.
             in_store = e.path is not None and e.path.parent == self.store.resolve()
@@ -391,71 +427,34 @@ class Registry:
                 raise
         return e
 
-    async def create_blend(self, name: str, spec: BlendSpec, *, save: bool = False) -> tuple[Entry, bool]:
-        check_name(name, base_id=self.base_id)
-        existing = self._visible(name)
-        if existing is not None:
-            if existing.kind == "blend" and existing.recipe == spec:
-                return existing, False
-            raise Conflict(f"{name!r} is already registered", param="name", code="adapter_exists")
-        check_spec(spec, {e.name: e.info.rank for e in self.entries()})
-        check_blendable(spec, {e.name: e.info.variants for e in self.entries()})
-        target = self.store / name if save else self.state.blends / name
-        if target.exists():
-            raise Conflict(f"{target} already exists", param="name", code="folder_exists")
-        lease = Lease(None)
-        try:
-            for src, _ in spec.adapters:
-                await self._take(self._entries[src], lease, request=False)
-            async with self._lock:
-                if name in self._entries:
-                    raise Conflict(f"{name!r} was registered concurrently", param="name", code="adapter_exists")
-                await self._make_room()
-                staging = self.state.staging(name)
-                try:
-                    # The engine knows each source by its current version's name.
-                    engine_spec = dataclasses.replace(spec, adapters=tuple(
-                        (self._entries[src].engine_key, w) for src, w in spec.adapters))
-                    info = await self.engine.create_blend(name, engine_spec, staging)
-                    try:
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        publish(staging, target, replace=False)  # the folder appears whole or not at all
-                    except BaseException:
-                        await self.engine.unload_adapter(name)
-                        raise
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
-                entry = Entry(name, "blend", target.resolve(), dataclasses.replace(info, folder=target.resolve()),
-                              loaded=True, loaded_at=time.time(), recipe=spec)
-                try:
-                    await self._save(add=entry, commit=lambda: self._entries.__setitem__(name, entry))
-                except BaseException:  # all or nothing: no entry, no slot, no folder
-                    await self.engine.unload_adapter(entry.engine_key)
-                    shutil.rmtree(target, ignore_errors=True)
-                    raise
-        finally:
-            self.release(lease)
-        self.observer.blend_created()
-        log.info("blend %s = %s of %s", name, spec.combination_type, spec.adapters)
-        return entry, True
-
     # -- start-up and persistence ----------------------------------------------------
     async def _save(self, *, add: Entry | None = None, drop: str | None = None, revive: str | None = None,
-                    forget: str | None = None, commit: Callable[[], None] | None = None) -> None:
+                    forget: str | None = None, hold: Entry | None = None, aliases: dict[str, Alias] | None = None,
+                    release: frozenset[str] | set[str] = frozenset(),
+                    commit: Callable[[], None] | None = None) -> None:
         """Write the state file as it will be after a change: the visible entries, plus `add` (not
         yet visible, or replacing its name's entry), minus `drop`; `revive`/`forget` take a name off
-        or onto the removed list. `commit` makes the change visible once the file holds it.
-        StorageError (503) when it cannot be written: then nothing was committed."""
+        or onto the removed list; `hold` is a replaced version an alias keeps, `release` the kept
+        versions let go, `aliases` the new alias table. `commit` makes the change visible once the
+        file holds it. StorageError (503) when it cannot be written: then nothing was committed."""
+        def record(e: Entry, name: str) -> Record:
+            assert e.path is not None
+            return Record(name, e.kind, self.state.rel(e.path), e.pinned, e.info.sha256,
+                          e.recipe.recipe() if e.recipe else None, e.created)
+
         def build() -> State:
             listed = {e.name: e for e in self._entries.values() if not e.draining and not e.pending}
             if add is not None:
                 listed[add.name] = add
             listed.pop(drop or "", None)
-            records = [Record(e.name, e.kind, self.state.rel(e.path), e.pinned, e.info.sha256,
-                              e.recipe.recipe() if e.recipe else None, e.created)
-                       for e in listed.values() if e.path is not None]
+            records = [record(e, e.name) for e in listed.values() if e.path is not None]
             removed = (self._removed - {revive or ""}) | ({forget} if forget else set())
-            return State(records, sorted(removed))
+            held = {k: e for k, e in self._held.items() if k not in release}
+            if hold is not None:
+                held[f"{hold.name}@{hold.version}"] = hold
+            table = self.aliases if aliases is None else aliases
+            return State(records, sorted(removed), {k: a.to_json() for k, a in table.items()},
+                         [record(e, k) for k, e in held.items() if e.path is not None])
         try:
             await self.state.save(build, commit)
         except OSError as e:
@@ -468,6 +467,8 @@ class Registry:
         self._removed = restored.removed
         self.failed.update(restored.failed)
         self._entries.update((e.name, e) for e in restored.entries)
+        self._held.update((f"{e.name}@{e.version}", e) for e in restored.held)
+        self.aliases.update(restored.aliases)
         order = sorted(self._entries.values(), key=lambda e: not e.pinned)
         loaded = []
         async with self._lock:

@@ -46,7 +46,8 @@ from fastapi import Request
 
 log = logging.getLogger("loraplex.scaleout")
 
-ADMIN_WRITE_PREFIXES = ("/admin/adapters", "/admin/blends", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+ADMIN_WRITE_PREFIXES = ("/admin/adapters", "/admin/blends", "/admin/aliases", "/v1/load_lora_adapter",
+                        "/v1/unload_lora_adapter")
 JOB_PREFIXES = ("/admin/train", "/admin/exports", "/admin/jobs")
 INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 FORWARDED_HEADERS = ("content-type", "retry-after", "x-request-id", "cache-control")
@@ -69,7 +70,7 @@ def affinity_key(body: bytes, known: set[str]) -> str:
 
 
 def is_admin_write(method: str, path: str) -> bool:
-    return method in ("POST", "PATCH", "DELETE") and path.startswith(ADMIN_WRITE_PREFIXES)
+    return method in ("POST", "PUT", "PATCH", "DELETE") and path.startswith(ADMIN_WRITE_PREFIXES)
 
 
 async def asgi_call(app: Any, method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes,

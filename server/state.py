@@ -45,6 +45,8 @@ class Record:
 class State:
     records: list[Record] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)  # store folders unregistered on purpose
+    aliases: dict[str, Any] = field(default_factory=dict)  # alias -> Alias.to_json()
+    held: list[Record] = field(default_factory=list)  # replaced versions an alias names ("name@version")
 
 
 class StateFile:
@@ -78,7 +80,9 @@ class StateFile:
                 raise ValueError(f"unknown version {raw.get('version')!r}")
             records = [Record(**r) for r in raw["adapters"]]
             removed = [str(n) for n in raw.get("removed", [])]
-            return State(records, removed)
+            aliases = dict(raw.get("aliases", {}))
+            held = [Record(**r) for r in raw.get("held", [])]
+            return State(records, removed, aliases, held)
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             aside = self.path.with_name(f"state.json.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(self.path, aside)
@@ -99,7 +103,7 @@ class StateFile:
     def write(self, state: State) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         data = {"version": VERSION, "adapters": [vars(r) for r in state.records],  # flat: no deep copy
-                "removed": sorted(set(state.removed))}
+                "removed": sorted(set(state.removed)), "aliases": state.aliases, "held": [vars(r) for r in state.held]}
         tmp = self.path.with_name(f".state.json.{os.getpid()}.tmp")
         with open(tmp, "w") as f:
             # One line, no indent: json then runs its C encoder (indent falls back to Python, 4x slower),

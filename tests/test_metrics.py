@@ -29,7 +29,9 @@ def samples(c) -> dict[tuple, float]:
 
 
 def value(snap, name, **labels):
-    return snap.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum over the series whose labels include these (a PromQL selector's meaning)."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in snap.items() if n == name and want <= set(ls))
 
 
 def traffic(c):

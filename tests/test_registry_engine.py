@@ -327,3 +327,32 @@ def test_trained_copies_and_embedding_lora_in_one_batch_equal_peft(engine, fresh
     assert len({tuple(o) for o in outs[:4]}) == 4
     variants = {e.name: e.info.variants for e in reg.entries()}
     assert variants["saved"] == ("modules_to_save",) and variants["emb"] == ("embedding LoRA",)
+
+
+def test_an_alias_keeps_the_old_version_served_exactly_beside_its_replacement(engine, fresh, reference):
+    """Issue 14: alpha is replaced by beta's weights while an alias pins its first version; in one
+    batch, the alias and alpha@v1 give alpha's PEFT tokens and alpha gives beta's: the engine holds
+    both versions, never mixing their weights. Once the alias lets go, v1 leaves the engine."""
+    reg = fresh()
+    ids = engine.tokenizer.encode(PROMPT)
+
+    async def main():
+        await reg.register("alpha", "alpha")
+        v1 = reg.get("alpha").version
+        await reg.set_alias("prod", {"target": f"alpha@{v1}"})
+        await reg.register("alpha", "beta", replace=True)
+        models = ["prod", "alpha", f"alpha@{v1}", "prod", "alpha"]
+        outs = await asyncio.gather(*(generate(engine, reg, m, rid=f"a{i}") for i, m in enumerate(models)))
+        keys_before = set(engine._runner.adapters)
+        await reg.set_alias("prod", {"target": "alpha"})
+        await reg.set_alias("prod", {"target": "alpha"})  # unchanged: v1 is still the rollback target
+        await reg.rollback_alias("prod")                    # back to v1 ...
+        after_rollback = await generate(engine, reg, "prod", rid="rb")
+        await reg.set_alias("prod", {"target": "alpha"})
+        await reg.set_alias("prod", {"target": f"alpha@{reg.get('alpha').version}"})  # ... and two flips away
+        await asyncio.sleep(0.05)
+        return outs, keys_before, after_rollback, set(engine._runner.adapters)
+    outs, keys_before, after_rollback, keys_after = asyncio.run(main())
+    assert outs[0] == outs[2] == outs[3] == after_rollback == reference(ids, "alpha")
+    assert outs[1] == outs[4] == reference(ids, "beta")
+    assert {"alpha", "alpha~1"} <= keys_before and "alpha" not in keys_after and "alpha~1" in keys_after

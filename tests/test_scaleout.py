@@ -36,7 +36,9 @@ def test_affinity_key(body, key):
 def test_admin_writes_are_recognised():
     assert is_admin_write("POST", "/admin/adapters") and is_admin_write("DELETE", "/admin/adapters/alpha")
     assert is_admin_write("POST", "/v1/load_lora_adapter") and is_admin_write("POST", "/admin/blends")
+    assert is_admin_write("PUT", "/admin/aliases/prod") and is_admin_write("POST", "/admin/aliases/prod/rollback")
     assert not is_admin_write("GET", "/admin/adapters") and not is_admin_write("POST", "/v1/completions")
+    assert not is_admin_write("GET", "/admin/aliases")
 
 
 def test_asgi_call_streams_an_app_response(make_client):

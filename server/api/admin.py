@@ -1,4 +1,4 @@
-"""Admin routes: adapters and blends on a live server, under /admin (and vLLM's aliases).
+"""Admin routes: adapters, blends and aliases on a live server, under /admin (and vLLM's routes).
 
 Owns: the admin wire shapes and their mapping onto the registry's operations;
 every route here sits behind the admin token (see `deps.require_admin`). The
@@ -63,7 +63,8 @@ def entry_json(e: Entry) -> dict[str, Any]:
     return {
         "name": e.name, "kind": e.kind, "path": str(e.path) if e.path else None, "rank": e.info.rank,
         "alpha": e.info.alpha, "target_modules": list(e.info.target_modules), "size_bytes": e.info.size_bytes,
-        "sha256": e.info.sha256, "variants": list(e.info.variants), "pinned": e.pinned, "loaded": e.loaded,
+        "sha256": e.info.sha256, "version": e.version, "variants": list(e.info.variants), "pinned": e.pinned,
+        "loaded": e.loaded,
         "loaded_at": e.loaded_at,
         "last_used_at": e.last_used_at, "requests_total": e.requests_total, "inflight": e.inflight,
         "recipe": e.recipe.recipe() if e.recipe else None,
@@ -110,7 +111,40 @@ async def create_blend(body: BlendBody, state: AppState = Depends(require_admin)
     return _answer(entry, created)
 
 
-# vLLM's aliases answer as vLLM does where a script would notice: 200 with a line of text on
+class AliasBody(_Body):
+    target: str | None = None                    # NAME or NAME@VERSION
+    targets: list[dict[str, Any]] | None = None  # [{"model": ..., "weight": ...}] for a canary
+
+
+@router.get("/admin/aliases")
+async def list_aliases(state: AppState = Depends(require_admin)) -> Any:
+    return {"object": "list", "data": [state.registry.alias_json(a) for a in sorted(state.registry.aliases)]}
+
+
+@router.get("/admin/aliases/{alias}")
+async def get_alias(alias: str, state: AppState = Depends(require_admin)) -> Any:
+    return state.registry.alias_json(alias)
+
+
+@router.put("/admin/aliases/{alias}")
+async def set_alias(alias: str, body: AliasBody, state: AppState = Depends(require_admin)) -> Any:
+    """Flip `alias` atomically: requests running finish on what they got, new ones get the new target."""
+    answer, created = await state.registry.set_alias(alias, body.model_dump(exclude_none=True))
+    return JSONResponse(answer, status_code=201 if created else 200)
+
+
+@router.post("/admin/aliases/{alias}/rollback")
+async def rollback_alias(alias: str, state: AppState = Depends(require_admin)) -> Any:
+    return await state.registry.rollback_alias(alias)
+
+
+@router.delete("/admin/aliases/{alias}")
+async def delete_alias(alias: str, state: AppState = Depends(require_admin)) -> Any:
+    await state.registry.delete_alias(alias)
+    return {"alias": alias, "deleted": True}
+
+
+# vLLM's routes answer as vLLM does where a script would notice: 200 with a line of text on
 # success, 400 for a name already loaded with other content, 404 for unloading an unknown name.
 @router.post("/v1/load_lora_adapter")
 async def vllm_load(body: VllmLoad, state: AppState = Depends(require_admin)) -> Any:

@@ -39,7 +39,6 @@ def _eq(*values: Any) -> Callable[[Any], bool]:
 
 HONOURED = "honoured"
 IGNORED_WHY = {
-    "user": "an end-user id for the caller's own tracking",
     "metadata": "stored-completion tags; nothing is stored here",
     "store": "OpenAI's storage of completions; nothing is stored here",
     "service_tier": "a billing tier",
@@ -83,7 +82,8 @@ _SAMPLING: dict[str, Any] = {
                                          "disable_any_whitespace chooses free or no whitespace", example=" "),
     "kv_transfer_params": Refused("disaggregated serving is not supported", example={"a": 1}),
     "vllm_xargs": Refused("vLLM's extra arguments are not supported", example={"a": 1}),
-    **{f: "ignored" for f in ("user", "priority", "request_id")},
+    "user": HONOURED,  # seeds a weighted alias's choice (a canary), so one user stays on one side
+    **{f: "ignored" for f in ("priority", "request_id")},
 }
 
 COMPLETIONS: dict[str, Any] = {
@@ -121,7 +121,8 @@ CHAT: dict[str, Any] = {
 RESPONSES: dict[str, Any] = {
     **{f: HONOURED for f in ("model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "text",
                              "tools", "tool_choice", "parallel_tool_calls", "stream")},
-    **{f: "ignored" for f in ("user", "metadata", "service_tier", "prompt_cache_key", "prompt_cache_options",
+    "user": HONOURED,
+    **{f: "ignored" for f in ("metadata", "service_tier", "prompt_cache_key", "prompt_cache_options",
                                "prompt_cache_retention", "safety_identifier", "moderation", "stream_options")},
     "reasoning": "ignored",         # the served models do not reason
     "store": Refused("nothing is stored on this server (send store: false)", example=True),

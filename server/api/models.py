@@ -1,7 +1,7 @@
 """What a client asks about models without generating: /v1/models, /v1/models/{id}, and vLLM's
 /tokenize, /detokenize and /tokenizer_info.
 
-Owns: the model entries (the base, then each adapter and blend, with `max_model_len` as vLLM's
+Owns: the model entries (the base, then each adapter and blend, then each alias, with `max_model_len` as vLLM's
 carry), and vLLM's tokenizer routes with vLLM's request and response shapes. A `model` names the
 base, an adapter, a blend or `BASE:ADAPTER`, as on every route; an unknown one is a 404. Every
 adapter is served with the base's tokenizer (one that trains embeddings or tokens is refused at
@@ -40,14 +40,18 @@ async def list_models(request: Request, state: AppState = Depends(require_infere
     """What this API key may use: everything, or its scope's adapters (and the base if it matches)."""
     allowed = allowed_of(request)
     base = [_base_entry(state)] if allowed is None or allowed(state.engine.model_id) else []
-    return {"object": "list", "data": base + [_entry(state, e) for e in state.registry.entries()
-                                              if allowed is None or allowed(e.name)]}
+    adapters = [_entry(state, e) for e in state.registry.entries() if allowed is None or allowed(e.name)]
+    aliases = [{"id": a, "object": "model", "created": state.started_at, "owned_by": "loraplex",
+                "parent": state.engine.model_id, "root": ",".join(m for m, _ in al.targets),
+                "max_model_len": state.engine.context_length}
+               for a, al in sorted(state.registry.aliases.items()) if allowed is None or allowed(a)]
+    return {"object": "list", "data": base + adapters + aliases}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request, state: AppState = Depends(require_inference)) -> Any:
-    name = state.registry.resolve(model_id, allowed_of(request))
-    return _base_entry(state) if name is None else _entry(state, state.registry.get(name), model_id)
+    e = state.registry.lookup(model_id, allowed_of(request))
+    return _base_entry(state) if e is None else _entry(state, e, model_id)
 
 
 class TokenizeRequest(_Wire):

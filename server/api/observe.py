@@ -27,8 +27,10 @@ def adapter_label(lease: Lease, base_id: str) -> str:
 
 
 class RequestRecord:
-    def __init__(self, metrics: Metrics, *, request_id: str, route: str, model: str, adapter: str):
+    def __init__(self, metrics: Metrics, *, request_id: str, route: str, model: str, adapter: str,
+                 version: str = ""):
         self.metrics, self.request_id, self.route, self.model, self.adapter = metrics, request_id, route, model, adapter
+        self.version = version
         self.start = time.perf_counter()
         self.first: float | None = None
         self.gaps: list[float] = []
@@ -78,11 +80,12 @@ class RequestRecord:
             outcome = "length" if "length" in self.finished else "stop"
         total = time.perf_counter() - self.start
         ttft = None if self.first is None else self.first - self.start
-        self.metrics.request_done(self.adapter, outcome, prompt_tokens=self.prompt_tokens,
+        self.metrics.request_done(self.adapter, outcome, version=self.version, prompt_tokens=self.prompt_tokens,
                                   generation_tokens=self.tokens, ttft=ttft, itls=self.gaps,
                                   duration=total if outcome in ("stop", "length") else None, queue=self.queue)
         fields = {"request_id": self.request_id, "route": self.route, "model": self.model, "adapter": self.adapter,
-                  "outcome": outcome, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.tokens,
+                  "version": self.version, "outcome": outcome, "prompt_tokens": self.prompt_tokens,
+                  "completion_tokens": self.tokens,
                   "ttft_ms": None if ttft is None else round(1000 * ttft, 1), "total_ms": round(1000 * total, 1)}
         if error is not None:
             fields["error"] = describe(error)[1]["error"]["message"]

@@ -123,9 +123,11 @@ async def run_request(request: Request, state: AppState, body: Any, planner: Cal
     spec = spec or forced
     mix = [(a.name, a.weight) for a in body.adapters] if body.adapters else None
     # An unknown model (or one outside the key's scope) ends here: no metrics series.
-    lease = await state.registry.acquire(body.model, mix, allowed_of(request))
+    # A weighted alias (a canary) picks its target by the user, else the request id: reproducible.
+    seed = body.user if isinstance(getattr(body, "user", None), str) else request.state.request_id
+    lease = await state.registry.acquire(body.model, mix, allowed_of(request), seed)
     record = RequestRecord(state.metrics, request_id=request.state.request_id, route=route, model=body.model,
-                           adapter=adapter_label(lease, state.engine.model_id))
+                           adapter=adapter_label(lease, state.engine.model_id), version=lease.version)
     streaming = False
     try:
         plan = planner(body, state.engine.tokenizer, state.engine.context_length, state.config.server,

@@ -49,6 +49,7 @@ class ResponsesRequest(_Wire):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     stream: bool = False
+    user: str | None = None  # seeds a weighted alias's choice
 
 
 def _text(content: Any, where: str) -> str:
@@ -121,7 +122,7 @@ def to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
     chat = {"model": body.model, "messages": _messages(body), "max_completion_tokens": body.max_output_tokens,
             "temperature": body.temperature, "top_p": body.top_p, "response_format": _format(body.text),
             "tools": tools or None, "tool_choice": choice, "parallel_tool_calls": body.parallel_tool_calls,
-            "stream": body.stream}
+            "stream": body.stream, "user": body.user}
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
     except ValidationError as e:
@@ -143,7 +144,7 @@ def _echo_fields(body: ResponsesRequest) -> dict[str, Any]:
             "parallel_tool_calls": body.parallel_tool_calls is not False,
             "text": body.text or {"format": {"type": "text"}}, "error": None, "metadata": {},
             "previous_response_id": None, "reasoning": None, "store": False, "truncation": "disabled",
-            "user": None, "background": False}
+            "user": body.user, "background": False}
 
 
 def _response(rid: str, body: ResponsesRequest, status: str, output: list[dict[str, Any]],

@@ -36,7 +36,7 @@ def all_routes(app):
     for route in flat(app.routes):
         for method in sorted(getattr(route, "methods", None) or {"GET"}):
             if method != "HEAD":
-                path = route.path.replace("{name}", "alpha").replace("{job_id}", "nope")
+                path = route.path.replace("{name}", "alpha").replace("{job_id}", "nope").replace("{alias}", "nope")
                 yield route, method, path.replace("{model_id:path}", "alpha")
 
 
@@ -65,7 +65,7 @@ def test_auth_matrix(make_client):
         cls = route_class(route.path)
         for who, token in CREDS.items():
             headers = {"Authorization": f"Bearer {token}"} if token else {}
-            r = client.request(method, path, headers=headers, json={} if method in ("POST", "PATCH") else None)
+            r = client.request(method, path, headers=headers, json={} if method in ("POST", "PATCH", "PUT") else None)
             assert r.status_code < 500, (method, path, who, r.text)
             denied = r.status_code in (401, 403)
             if cls in ("public", "metrics"):
@@ -185,3 +185,10 @@ def test_a_scoped_key_sees_blends_by_their_own_name(make_client):
     assert r.status_code in (200, 201), r.text
     assert _ask(client, "k", "team-mix", "completions").status_code == 200
     assert _ask(client, "k", "alpha", "completions").status_code == 404
+    # An alias too: judged by its own name, whatever it points at.
+    r = client.put("/admin/aliases/team-prod", headers={"Authorization": "Bearer adm-token"}, json={"target": "beta"})
+    assert r.status_code == 201, r.text
+    assert _ask(client, "k", "team-prod", "completions").status_code == 200
+    assert _ask(client, "k", "beta", "completions").status_code == 404
+    ids = [m["id"] for m in client.get("/v1/models", headers={"Authorization": "Bearer k"}).json()["data"]]
+    assert ids == ["team-mix", "team-prod"]
