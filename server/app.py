@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from . import resolvers
 from .api import errors as api_errors
 from .api.admin import router as admin_router
 from .api.deps import AppState, BodyLimitMiddleware, RequestIdMiddleware
@@ -32,6 +33,7 @@ from .engine.protocol import Engine
 from .jobs import JobManager
 from .metrics import Metrics
 from .registry import Registry
+from .watch import StoreWatcher
 
 log = logging.getLogger("loraplex.app")
 
@@ -113,6 +115,9 @@ async def _warm_up(state: AppState, exit_on_failure: bool) -> None:
         log.critical(state.load_error)
         if exit_on_failure:  # a server without its model is no server: let the process end
             os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if state.config.adapters.watch:  # this task goes on as the store watcher; the lifespan cancels it
+        await StoreWatcher(state.registry, state.config.adapters.watch_interval_s).run()
 
 
 def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_failure: bool = False) -> FastAPI:
@@ -120,7 +125,9 @@ def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_fai
     engine = engine if engine is not None else build_engine(config, metrics)
     registry = Registry(engine, config.path(config.adapters.dir), capacity=config.adapters.max_loaded_adapters,
                         roots=[config.path(r) for r in config.adapters.roots], observer=metrics,
-                        slot_wait_s=config.adapters.slot_wait_s)
+                        slot_wait_s=config.adapters.slot_wait_s,
+                        resolvers=resolvers.from_config(config.adapters, config.path),
+                        resolve_store=config.adapters.resolve_store)
     jobs = JobManager(config.path(config.adapters.dir) / ".loraplex" / "jobs",
                       max_queued=config.train.max_queued_jobs, on_finish=metrics.job_finished)
     _state_gauges(metrics, engine, registry)

@@ -171,6 +171,18 @@ class AdaptersConfig:
     slot_wait_s: Seconds = 30.0
     # Extra folders an admin may load adapters from by absolute path (the store is always allowed).
     roots: Strings = field(default_factory=list)
+    # Resolvers (server/resolvers.py): a request naming an unknown adapter first looks for a store
+    # folder of that name that appeared after start-up, then in each source, in order: a local
+    # tree ("/srv/loras"), "s3://bucket/prefix", "hf://ORG[@REVISION]" (the Hub: off unless listed).
+    resolve_store: bool = True
+    sources: Strings = field(default_factory=list)
+    s3_endpoint_url: str = ""       # an S3-compatible server (MinIO...); "" = AWS
+    hf_cache: str = ""              # the Hub cache (or a mirror in its layout); "" = huggingface_hub's default
+    max_download_bytes: Positive = 4 << 30   # per file a resolver fetches
+    negative_cache_s: Seconds = 30.0         # a name no source has is not looked up again for this long
+    # Store folders added, changed or removed are registered, replaced or unregistered (server/watch.py).
+    watch: bool = False
+    watch_interval_s: PositiveFloat = 2.0
 
 
 @section(config=_SECTION)

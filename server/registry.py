@@ -48,6 +48,7 @@ from .entries import Allowed, Entry, Lease, NullObserver, Observer, check_name
 from .errors import Conflict, InvalidAdapter, InvalidRequest, NotFound, NotReady, Overloaded, StorageError
 from .lora.blend import BlendSpec, check_blendable, check_spec
 from .lora.weights import AdapterInfo, content_hash
+from .resolvers import Resolvers
 from .restore import restore
 from .roots import Roots
 from .state import Record, State, StateFile
@@ -57,7 +58,8 @@ log = logging.getLogger("loraplex.registry")
 
 class Registry:
     def __init__(self, engine: Engine, store: Path, *, capacity: int = 16, roots: list[Path] | None = None,
-                 observer: Observer | None = None, slot_wait_s: float = 0.0):
+                 observer: Observer | None = None, slot_wait_s: float = 0.0, resolvers: Resolvers | None = None,
+                 resolve_store: bool = False):
         self.engine = engine
         self.observer: Observer = observer or NullObserver()
         self.store = Path(store)
@@ -74,6 +76,10 @@ class Registry:
         # as NAME@VERSION, until no alias (rollback included) refers to them.
         self._held: dict[str, Entry] = {}
         self.aliases: dict[str, Alias] = {}
+        # An unknown name: a store folder that appeared (resolve_store), then the sources.
+        self.resolvers = resolvers
+        self.resolve_store = resolve_store
+        self._resolving: dict[str, asyncio.Task] = {}  # one fetch per name, however many ask
         self._versions = 0                   # replacements made: the N of "name~N"
         self._tasks: set[asyncio.Task] = set()  # retirements in flight (held: the loop keeps weak refs)
         self._lock = asyncio.Lock()
@@ -146,7 +152,12 @@ class Registry:
         """Lease the adapter a request names (loading it if evicted). Release with `release`.
         The lease holds one version for the whole request: a replace or an alias flip after this
         line sends new requests elsewhere and lets this one finish on what it got."""
-        e = self.lookup(model, allowed, seed)
+        try:
+            e = self.lookup(model, allowed, seed)
+        except NotFound:
+            if not await versions.resolve_unknown(self, model, allowed):
+                raise
+            e = self.lookup(model, allowed, seed)  # registered now, like a cold load
         if mix:
             if e is not None:
                 raise InvalidRequest("`adapters` blends on top of the base model: set `model` to the base id "

@@ -17,12 +17,16 @@ are the registry's (registry.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import shutil
+import time
 from typing import TYPE_CHECKING, Any
 
 from .aliases import Alias, parse_targets, split_version
-from .entries import Allowed, Entry, check_name
-from .errors import Conflict, NotFound, NotReady
+from .atomic import publish
+from .entries import NAME_RE, Allowed, Entry, check_name
+from .errors import Conflict, InvalidAdapter, NotFound, NotReady
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -160,3 +164,49 @@ async def _commit_table(reg: Registry, table: dict[str, Alias]) -> None:
                 reg._spawn_retire(old)
 
     await reg._save(aliases=table, release=set(dropped), commit=commit)
+
+
+async def resolve_unknown(reg: Registry, model: str, allowed: Allowed | None) -> bool:
+    """Try to make an unknown `model` servable: a store folder that appeared since start-up, then
+    the resolvers' sources (server/resolvers.py). True when it is registered now. Concurrent
+    requests for one name share one fetch; a name unregistered on purpose is not brought back."""
+    base = reg.base_id
+    name = model[len(base) + 1:] if model.startswith(base + ":") else model
+    if (not NAME_RE.match(name) or name in reg.aliases or name in reg._removed or name == base
+            or (allowed is not None and not allowed(name))):
+        return False
+    task = reg._resolving.get(name)
+    if task is None:
+        task = asyncio.get_running_loop().create_task(_fetch_and_register(reg, name))
+        reg._resolving[name] = task
+        task.add_done_callback(lambda _t: reg._resolving.pop(name, None))
+    return await asyncio.shield(task)  # a client leaving does not cancel the others' load
+
+
+async def _fetch_and_register(reg: Registry, name: str) -> bool:
+    folder = reg.store / name
+    if (folder / "adapter_config.json").is_file():
+        if not reg.resolve_store:
+            return False
+        await reg.register(name, name)
+        return True
+    if reg.resolvers is None or not reg.resolvers.sources or reg.resolvers.known_missing(name) or folder.exists():
+        return False
+    staging = reg.state.staging(name)
+    try:
+        src = await asyncio.to_thread(reg.resolvers.fetch, name, staging)
+        if src is None:
+            return False
+        publish(staging, folder, replace=False)  # the folder appears whole or not at all
+    except FileExistsError:
+        pass  # an admin or a watcher put it there meanwhile: register what is there
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    t0 = time.perf_counter()
+    try:
+        await reg.register(name, name)
+    except InvalidAdapter:
+        shutil.rmtree(folder, ignore_errors=True)  # refused as any load: leave no folder to retry on
+        raise
+    log.info("registered %s from %s in %.0f ms after the fetch", name, src, 1000 * (time.perf_counter() - t0))
+    return True
