@@ -60,7 +60,9 @@ def test_a_refused_folder_is_listed_as_failed_and_the_watch_goes_on(make_client,
     shutil.copytree(tiny_store / "alpha", store_copy / "broken")
     cfg = store_copy / "broken" / "adapter_config.json"
     cfg.write_text(cfg.read_text().replace('"r": 4', '"r": 4096'))
-    assert until(lambda: any(f["name"] == "broken" for f in client.get("/admin/adapters", headers=ADMIN).json()["failed"]))
+    def failed():
+        return [f["name"] for f in client.get("/admin/adapters", headers=ADMIN).json()["failed"]]
+    assert until(lambda: "broken" in failed())
     assert "broken" not in models(client)
     shutil.copytree(tiny_store / "beta", store_copy / "fine")
     assert until(lambda: "fine" in models(client))
