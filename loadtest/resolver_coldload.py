@@ -31,12 +31,14 @@ FILES = ("adapter_config.json", "adapter_model.safetensors")
 KINDS = ("store", "tree", "s3", "hub")
 
 
-def mirror(root: Path, repo: str, folder: Path) -> None:
-    """A Hub cache entry for `repo` at main (the layout huggingface_hub reads offline)."""
+def mirror(root: Path, repo: str, folder: Path, revision: str = "main") -> Path:
+    """A Hub cache entry for `repo` at `revision`, in the layout huggingface_hub reads offline:
+    refs/REVISION -> a commit, snapshots/COMMIT/FILE -> a blob named by its sha256 (as the Hub names
+    LFS files). Returns the snapshot folder (tests/test_resolvers.py uses it too)."""
     base = root / f"models--{repo.replace('/', '--')}"
     commit = hashlib.sha1(repo.encode()).hexdigest()
     (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(commit)
+    (base / "refs" / revision).write_text(commit)
     (base / "blobs").mkdir()
     snap = base / "snapshots" / commit
     snap.mkdir(parents=True)
@@ -45,6 +47,7 @@ def mirror(root: Path, repo: str, folder: Path) -> None:
         blob = base / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
         os.symlink(os.path.relpath(blob, snap), snap / f)
+    return snap
 
 
 def main() -> None:

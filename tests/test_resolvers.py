@@ -2,13 +2,13 @@
 server on loopback) or a Hub mirror folder, fetched by staging and rename, validated as any load,
 and a name no source has is remembered for a while (server/resolvers.py, versions.resolve_unknown)."""
 
-import hashlib
 import os
 import shutil
 import threading
 
 import pytest
 
+from loadtest.resolver_coldload import mirror
 from server.errors import ConfigError
 from server.resolvers import FILES, Resolvers, Source, parse_source
 
@@ -155,20 +155,10 @@ def test_an_s3_bucket_source_with_checksums(make_client, store_copy, tiny_store,
 
 
 def _hub_mirror(root, repo, folder, revision="main", corrupt=False):
-    """A folder in huggingface_hub's cache layout: refs/REV -> commit, snapshots/COMMIT/FILE -> a blob
-    named by its sha256 (as the Hub names LFS files)."""
-    base = root / f"models--{repo.replace('/', '--')}"
-    commit = hashlib.sha1(repo.encode()).hexdigest()
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / revision).write_text(commit)
-    (base / "blobs").mkdir()
-    snap = base / "snapshots" / commit
-    snap.mkdir(parents=True)
-    for f in FILES:
-        data = (folder / f).read_bytes()
-        blob = base / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data + (b"x" if corrupt and f.endswith(".safetensors") else b""))
-        os.symlink(os.path.relpath(blob, snap), snap / f)
+    snap = mirror(root, repo, folder, revision)
+    if corrupt:  # the blob's bytes no longer match the sha256 it is named by
+        with open((snap / FILES[1]).resolve(), "ab") as f:
+            f.write(b"x")
 
 
 def test_a_hub_mirror_source_never_touches_the_network(make_client, store_copy, tiny_store, tmp_path, monkeypatch):
