@@ -37,3 +37,18 @@ def publish(staging: Path, target: Path, *, replace: bool, aside_dir: Path | Non
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def write_file(target: Path, data: bytes) -> None:
+    """Write one file whole: a staging file beside it, fsync'd, then renamed over it."""
+    target = Path(target)
+    tmp = staging_path(target.parent, target.name)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

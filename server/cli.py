@@ -88,22 +88,32 @@ def _stop_on_sigterm() -> threading.Event:
     return stop
 
 
-def _register(cfg, name: str, url: str | None) -> None:
-    """Hot-load a new adapter into a running server through its admin API."""
+def _admin_call(cfg, url: str, method: str, path: str, body: dict, what: str) -> dict:
     import urllib.error
     import urllib.request
 
-    url = (url or f"http://{cfg.server.host}:{cfg.server.port}").rstrip("/")
-    req = urllib.request.Request(url + "/admin/adapters", data=json.dumps({"name": name, "path": name}).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method=method)
     if cfg.admin_token():
         req.add_header("Authorization", f"Bearer {cfg.admin_token()}")
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            print(f"registered {name} with {url} ({r.status})", file=sys.stderr)
-    except (urllib.error.URLError, OSError) as e:
+            answer = json.loads(r.read() or b"{}")
+            print(f"{what} with {url} ({r.status})", file=sys.stderr)
+            return answer
+    except (urllib.error.URLError, OSError, ValueError) as e:
         detail = e.read().decode(errors="replace") if isinstance(e, urllib.error.HTTPError) else str(e)
-        raise SystemExit(f"loraplex: trained {name}, but registering it with {url} failed: {detail}") from None
+        raise SystemExit(f"loraplex: {what} failed with {url}: {detail}") from None
+
+
+def _register(cfg, name: str, url: str | None, alias: str | None = None) -> None:
+    """Hot-load a new adapter into a running server through its admin API (and point an alias at it)."""
+    url = (url or f"http://{cfg.server.host}:{cfg.server.port}").rstrip("/")
+    entry = _admin_call(cfg, url, "POST", "/admin/adapters", {"name": name, "path": name}, f"registered {name}")
+    if alias:
+        version = entry.get("version") or entry.get("adapter", {}).get("version")
+        target = f"{name}@{version}" if version else name
+        _admin_call(cfg, url, "PUT", f"/admin/aliases/{alias}", {"target": target}, f"alias {alias} -> {target}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -124,20 +134,102 @@ def cmd_train(args: argparse.Namespace) -> int:
         modules_to_save=args.modules_to_save.split(",") if args.modules_to_save else None,
         gradient_checkpointing=args.gradient_checkpointing,
         precision=args.precision, optim=args.optim, save_steps=pick(args.save_steps, t.save_steps),
-        resume=args.resume, long_examples=args.long_examples, replace=args.replace)
+        resume=args.resume, long_examples=args.long_examples, replace=args.replace, promote_if=args.promote_if)
     from .errors import LoraplexError
     from .registry import check_name
+    from .training.gate import GateError
 
+    if args.alias and not args.register:
+        print("loraplex train: --alias flips an alias on a running server; it needs --register", file=sys.stderr)
+        return 2
     try:
         check_name(opts.name)
-        train(opts, cfg.model, store=cfg.path(cfg.adapters.dir), cache_dir=cfg.path(cfg.model.cache_dir),
-              report=_reporter(args.progress), stop=_stop_on_sigterm(), quiet=args.progress == "json")
-    except (DataError, TrainingError, LoraplexError) as e:
+        if args.alias:
+            check_name(args.alias, param="alias")
+        card = train(opts, cfg.model, store=cfg.path(cfg.adapters.dir), cache_dir=cfg.path(cfg.model.cache_dir),
+                     report=_reporter(args.progress), stop=_stop_on_sigterm(), quiet=args.progress == "json")
+    except (DataError, TrainingError, LoraplexError, GateError) as e:
         msg = getattr(e, "message", None) or str(e)
         print(f"loraplex train: {msg}", file=sys.stderr)
         return 3 if isinstance(e, TrainingError) and "stopped at step" in msg else 1
+    promotion = card.get("promotion")
+    if promotion is not None and not promotion["passed"]:
+        from .jobs import NOT_PROMOTED_EXIT
+        from .training.trainer import unpromoted_dir
+
+        print(f"loraplex train: not promoted: {promotion['reason']}; the adapter is kept in "
+              f"{unpromoted_dir(cfg.path(cfg.adapters.dir), opts.name)} and nothing was registered", file=sys.stderr)
+        return NOT_PROMOTED_EXIT
     if args.register:
-        _register(cfg, opts.name, args.server)
+        _register(cfg, opts.name, args.server, args.alias)
+    return 0
+
+
+def _eval_candidates(cfg, args: argparse.Namespace) -> list:
+    from .training.data import DataError
+    from .training.evaluate import Candidate
+
+    out = [] if args.no_base else [Candidate("base", "base")]
+    names = [n for n in (args.adapters or "").split(",") if n]
+    if args.held_out and args.held_out not in names:
+        names.insert(0, args.held_out)
+    for spec in names:
+        folder = _adapter_folder(cfg, spec)
+        if not (folder / "adapter_config.json").is_file():
+            raise DataError(f"{spec}: no adapter in the store or at {folder}")
+        out.append(Candidate(folder.name if "/" in spec else spec, "adapter", folder))
+    for spec in args.blend or []:
+        name, sep, recipe = spec.partition("=")
+        recipe, _, ctype = recipe.partition("@")
+        try:
+            parts = [(n, float(w)) for n, w in (p.split(":") for p in recipe.split(","))]
+        except ValueError:
+            raise DataError(f"--blend {spec!r}: expected NAME=ADAPTER:WEIGHT,ADAPTER:WEIGHT[@TYPE]") from None
+        if not sep or not parts:
+            raise DataError(f"--blend {spec!r}: expected NAME=ADAPTER:WEIGHT,ADAPTER:WEIGHT[@TYPE]")
+        out.append(Candidate(name, "blend", parts=parts, part_folders={n: _adapter_folder(cfg, n) for n, _ in parts},
+                             combination_type=ctype or "linear", density=args.density))
+    for spec in args.export or []:
+        folder = Path(spec).resolve()
+        if not (folder / "config.json").is_file():
+            raise DataError(f"--export {spec}: not a model folder (no config.json)")
+        out.append(Candidate(folder.name, "export", folder))
+    if not out:
+        raise DataError("nothing to evaluate: name adapters, blends or exports, or keep the base")
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .atomic import write_file
+    from .errors import LoraplexError
+    from .training.data import DataError
+    from .training.evaluate import evaluate, held_out, table
+
+    cfg = _offline_config(args)
+    try:
+        split = None
+        if args.held_out:
+            data, split = held_out(_adapter_folder(cfg, args.held_out))
+            if args.data and Path(args.data).resolve() != data.resolve():
+                raise DataError(f"--held-out {args.held_out} evaluates {data}; leave out the data argument")
+        elif args.data:
+            data = Path(args.data)
+        else:
+            raise DataError("name a JSONL file, or --held-out ADAPTER for a training run's held-out split")
+        result = evaluate(_eval_candidates(cfg, args), data, cfg.model, cfg.path(cfg.model.cache_dir), split=split,
+                          max_seq_len=args.max_seq_len, max_examples=args.max_examples, exact=not args.no_exact,
+                          max_rank=cfg.adapters.max_lora_rank, report=_reporter(args.progress))
+    except (DataError, LoraplexError) as e:
+        print(f"loraplex eval: {getattr(e, 'message', None) or e}", file=sys.stderr)
+        return 1
+    if args.out:
+        write_file(Path(args.out), json.dumps(result, indent=1).encode())
+    if args.progress == "json":
+        print(json.dumps({"event": "done", **result}), flush=True)
+    elif args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(table(result))
     return 0
 
 
@@ -206,7 +298,8 @@ def cmd_ray(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "train": cmd_train, "merge": cmd_merge, "blend": cmd_blend, "ray": cmd_ray}
+COMMANDS = {"serve": cmd_serve, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "blend": cmd_blend,
+            "ray": cmd_ray}
 
 
 def _offline_flags(p: argparse.ArgumentParser) -> None:
@@ -224,7 +317,8 @@ def _train_parser(sub) -> None:
     t.add_argument("--rank", type=int)
     t.add_argument("--alpha", type=int)
     t.add_argument("--dropout", type=float)
-    t.add_argument("--target-modules", help="comma-separated module names, or all-linear (default: PEFT's preset)")
+    t.add_argument("--target-modules", help="comma-separated module names, or a preset: default (the family's "
+                   "attention and MLP projections), attention, mlp, all-linear")
     t.add_argument("--epochs", type=float)
     t.add_argument("--max-steps", type=int, default=-1, help="> 0: stop after this many steps (overrides --epochs)")
     t.add_argument("--lr", type=float, help="peak learning rate")
@@ -248,6 +342,28 @@ def _train_parser(sub) -> None:
     t.add_argument("--replace", action="store_true", help="replace an adapter of the same name in the store")
     t.add_argument("--register", action="store_true", help="hot-load the result into a running server")
     t.add_argument("--server", help="the running server's URL for --register (default: from the config)")
+    t.add_argument("--promote-if", metavar="GATE", help="publish (and --register) only if the held-out split "
+                   "says so, e.g. 'eval_loss<0.8*base' or 'exact_match>=0.9'; otherwise keep it aside, exit 4")
+    t.add_argument("--alias", help="with --register: point this alias at the new version once it serves")
+
+
+def _eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="loss and exact match of the base, adapters, blends and exports on a JSONL file")
+    e.add_argument("data", nargs="?", help="JSONL in the trainer's shapes (every record is evaluated)")
+    _offline_flags(e)
+    e.add_argument("--adapters", help="comma-separated store names or adapter folders")
+    e.add_argument("--blend", action="append", metavar="NAME=A:W,B:W[@TYPE]",
+                   help="a blend built with PEFT's add_weighted_adapter (repeatable)")
+    e.add_argument("--density", type=float, help="for the ties, dare_* and magnitude_prune blends")
+    e.add_argument("--export", action="append", metavar="FOLDER", help="a fused model folder (repeatable)")
+    e.add_argument("--held-out", metavar="ADAPTER", help="its training run's held-out split (from its card)")
+    e.add_argument("--no-base", action="store_true", help="leave the base model out of the table")
+    e.add_argument("--no-exact", action="store_true", help="loss only: no greedy answers, no exact match")
+    e.add_argument("--max-examples", type=int)
+    e.add_argument("--max-seq-len", type=int, default=2048)
+    e.add_argument("--quantization", choices=["none", "nf4", "fp4", "int8"], help="the base as it is served")
+    e.add_argument("--json", action="store_true", help="print the whole result as JSON instead of the table")
+    e.add_argument("--out", help="also write the JSON result to this file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapters-dir", help="the adapter store folder")
     s.add_argument("--log-format", choices=["text", "json"])
     _train_parser(sub)
+    _eval_parser(sub)
     m = sub.add_parser("merge", help="fuse an adapter or blend into the base and export a model folder")
     m.add_argument("adapter", help="a name in the store, or an adapter folder")
     m.add_argument("--out", required=True, help="the model folder to write")

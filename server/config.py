@@ -193,10 +193,10 @@ class TrainConfig:
     rank: Positive = 16
     alpha: Int = 32
     dropout: Annotated[float, BeforeValidator(_no_bool), Field(ge=0, lt=1)] = 0.05
-    target_modules: Strings = field(default_factory=list)  # empty = PEFT's preset for the architecture
+    target_modules: Strings = field(default_factory=list)  # empty = the family's (server/training/defaults.py)
     learning_rate: PositiveFloat = 2e-4
     epochs: PositiveFloat = 3.0
-    batch_size: Positive = 8
+    batch_size: Positive = 4
     grad_accum: Positive = 1
     max_seq_len: Positive = 512
     eval_fraction: Annotated[float, BeforeValidator(_no_bool), Field(ge=0, lt=1)] = 0.1

@@ -37,7 +37,9 @@ log = logging.getLogger("loraplex.jobs")
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 KEEP_FINISHED = 100            # finished jobs remembered for GET /admin/jobs/{id}
 STOPPED_EXIT = 3               # `loraplex train` stopped at a checkpoint on request
+NOT_PROMOTED_EXIT = 4          # `loraplex train --promote-if`: trained, its gate did not hold, kept aside
 PARENT_ENV = "LORAPLEX_JOB_PARENT_PID"
+MAX_SERIES = 20_000  # points kept per job (a long run's curve, without unbounded memory)
 OnSuccess = Callable[["Job"], Awaitable[Any]]
 
 
@@ -50,6 +52,7 @@ class Job:
     on_success: OnSuccess | None = None
     status: str = "queued"
     progress: dict = field(default_factory=dict)
+    series: list[dict] = field(default_factory=list)  # training: {step, loss | eval_loss} points to plot
     result: dict | None = None
     error: str | None = None
     created: float = field(default_factory=time.time)
@@ -61,8 +64,8 @@ class Job:
 
     def public(self) -> dict:
         return {"id": self.id, "object": "job", "kind": self.kind, "status": self.status, "params": self.params,
-                "progress": self.progress, "result": self.result, "error": self.error, "created": self.created,
-                "started": self.started, "finished": self.finished}
+                "progress": self.progress, "series": self.series, "result": self.result, "error": self.error,
+                "created": self.created, "started": self.started, "finished": self.finished}
 
 
 class JobManager:
@@ -187,6 +190,10 @@ class JobManager:
             note = "stopped at a checkpoint; a new job with resume=true continues" if rc == STOPPED_EXIT else None
             self._finish(job, "cancelled", note or "cancelled")
             return
+        if rc == NOT_PROMOTED_EXIT and job.result is not None:
+            # The work succeeded and said no: nothing to register, and the result says why.
+            self._finish(job, "succeeded")
+            return
         if rc != 0 or job.result is None:
             self._finish(job, "failed", self._failure(job, rc))
             return
@@ -213,6 +220,9 @@ class JobManager:
             job.result = event
         elif kind == "progress":
             job.progress.update(event)
+            point = {k: event[k] for k in ("step", "loss", "eval_loss") if k in event}
+            if ("loss" in point or "eval_loss" in point) and len(job.series) < MAX_SERIES:
+                job.series.append(point)
         elif kind:
             job.progress[kind] = event
 

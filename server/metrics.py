@@ -86,7 +86,7 @@ class Metrics:
         self.load_time = Histogram("loraplex_adapter_load_duration_seconds", "Time to load an adapter into memory",
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.evictions = Counter("loraplex_adapter_evictions", "Adapters evicted from memory (LRU)", registry=r)
-        self.jobs = Counter("loraplex_jobs", "Background jobs (train, export) finished, by kind and status",
+        self.jobs = Counter("loraplex_jobs", "Background jobs (train, eval, export) finished, by kind and status",
                             ["kind", "status"], registry=r)
         self.blends = Counter("loraplex_blends_created", "Named blends created", registry=r)
         ProcessCollector(namespace="loraplex", registry=r)

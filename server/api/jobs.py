@@ -1,10 +1,13 @@
-"""Admin routes for background work: training (/admin/train), fused exports (/admin/exports), jobs (/admin/jobs).
+"""Admin routes for background work: training (/admin/train), evaluations (/admin/evals), fused exports
+(/admin/exports), jobs (/admin/jobs).
 
 Owns: the request shapes with their bounds, every check that can be made
 before a job is queued (names, data path inside `train.data_dir`, conflicts
 with the store, the registry and other jobs), the argument list handed to the
 job runner, and what happens when a job succeeds (a trained adapter is
-registered and servable at once). Long work never runs in the request: the
+registered and servable at once, and an alias flipped to it when asked; one
+that failed its promotion gate is not). An evaluation names registered
+adapters, blends and exports, which become folders on the job's command line. Long work never runs in the request: the
 answer is 202 with a job id to poll.
 """
 
@@ -58,6 +61,18 @@ class TrainBody(_Body):
     gradient_checkpointing: bool = False
     resume: bool = False
     replace: bool = False
+    promote_if: str | None = Field(None, max_length=200, description="a gate, e.g. eval_loss<0.8*base")
+    alias: str | None = Field(None, description="flip this alias to the new version once registered")
+
+
+class EvalBody(_Body):
+    data: str | None = Field(None, description="a JSONL file, relative to train.data_dir")
+    held_out: str | None = Field(None, description="a registered adapter whose training split to evaluate")
+    adapters: list[str] = Field(default_factory=list, max_length=64, description="registered adapters or blends")
+    exports: list[str] = Field(default_factory=list, max_length=16, description="fused exports, by name")
+    base: bool = True
+    exact: bool = True
+    max_examples: int | None = Field(None, ge=1, le=1_000_000)
 
 
 class ExportBody(_Body):
@@ -105,6 +120,8 @@ def _train_argv(state: AppState, body: TrainBody, data: Path) -> list[str]:
         argv += ["--target-modules", ",".join(body.target_modules)]
     if body.modules_to_save:
         argv += ["--modules-to-save", ",".join(body.modules_to_save)]
+    if body.promote_if:
+        argv += ["--promote-if", body.promote_if]
     for flag, on in (("--qlora", body.qlora), ("--dora", body.dora), ("--rslora", body.rslora),
                      ("--gradient-checkpointing", body.gradient_checkpointing),
                      ("--resume", body.resume), ("--replace", body.replace)):
@@ -115,8 +132,19 @@ def _train_argv(state: AppState, body: TrainBody, data: Path) -> list[str]:
 
 @router.post("/admin/train")
 async def start_training(body: TrainBody, state: AppState = Depends(require_admin)) -> Any:
+    from ..training.gate import GateError, parse
+
     jobs = _jobs(state)
     check_name(body.name)
+    if body.promote_if is not None:
+        try:
+            parse(body.promote_if)
+        except GateError as e:
+            raise InvalidRequest(str(e), param="promote_if", code="invalid_gate") from None
+        if body.eval_fraction == 0:
+            raise InvalidRequest("promote_if needs a held-out split; eval_fraction is 0", param="promote_if")
+    if body.alias is not None:
+        check_name(body.alias, param="alias")
     for param, names in (("target_modules", body.target_modules), ("modules_to_save", body.modules_to_save)):
         bad = [t for t in names or [] if not re.match(TARGET_RE, t)]
         if bad:
@@ -136,9 +164,54 @@ async def start_training(body: TrainBody, state: AppState = Depends(require_admi
 
     async def register(job: Job) -> dict[str, Any]:
         entry, _ = await state.registry.register(body.name, body.name, replace=body.replace)
-        return {"adapter": entry_json(entry)}
+        out: dict[str, Any] = {"adapter": entry_json(entry)}
+        if body.alias:
+            out["alias"], _ = await state.registry.set_alias(body.alias, {"target": f"{body.name}@{entry.version}"})
+        return out
 
     job = jobs.submit("train", _train_argv(state, body, data), body.model_dump(), register)
+    return JSONResponse({"job": job.id, **job.public()}, status_code=202)
+
+
+def _folder_of(state: AppState, name: str, param: str) -> Path:
+    entry = state.registry.get(name)  # 404 in OpenAI's shape for a name nobody serves
+    if entry.path is None or not (entry.path / "adapter_config.json").is_file():
+        raise InvalidRequest(f"{name!r} has no adapter folder to evaluate", param=param)
+    return entry.path
+
+
+@router.post("/admin/evals")
+async def start_eval(body: EvalBody, state: AppState = Depends(require_admin)) -> Any:
+    """Score the base, adapters, blends and exports on one file (or a run's held-out split), as a job."""
+    jobs = _jobs(state)
+    if (body.data is None) == (body.held_out is None):
+        raise InvalidRequest("name exactly one of data (a file) and held_out (an adapter's training split)",
+                             param="data")
+    argv = ["eval"]
+    if body.data is not None:
+        argv.append(str(_data_file(state, body.data)))
+    else:
+        assert body.held_out is not None
+        argv += ["--held-out", str(_folder_of(state, body.held_out, "held_out"))]
+    argv += [*_base_flags(state), "--quantization", state.config.model.quantization]
+    folders = [str(_folder_of(state, n, "adapters")) for n in body.adapters]
+    if folders:
+        argv += ["--adapters", ",".join(folders)]
+    root = state.config.path(state.config.train.exports_dir)
+    for name in body.exports:
+        check_name(name, param="exports")
+        if not (root / name / "config.json").is_file():
+            raise InvalidRequest(f"no export named {name!r} in {root}", param="exports", code="export_not_found")
+        argv += ["--export", str(root / name)]
+    if not body.base:
+        argv.append("--no-base")
+    if not body.exact:
+        argv.append("--no-exact")
+    if body.max_examples is not None:
+        argv += ["--max-examples", str(body.max_examples)]
+    if not body.base and not folders and not body.exports and body.held_out is None:
+        raise InvalidRequest("nothing to evaluate: name adapters or exports, or keep the base", param="adapters")
+    job = jobs.submit("eval", argv, body.model_dump())
     return JSONResponse({"job": job.id, **job.public()}, status_code=202)
 
 

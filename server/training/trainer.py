@@ -2,12 +2,14 @@
 
 Owns: the training options and their defaults, setting up the base (full
 precision for LoRA, bitsandbytes nf4 + `prepare_model_for_kbit_training` for
-QLoRA), the PEFT config (PEFT's per-architecture target preset unless told
-otherwise, or `all-linear`), the `Trainer` arguments (checkpoints, eval split,
-warmup, optimizer per device), resuming from the newest *complete* checkpoint,
-stopping at a safe point when asked, and publishing the adapter: a staging
-folder with the weights and a training card, renamed into the store in one
-step. Checkpoints live in `<store>/.loraplex/train/<name>/` until success.
+QLoRA), the PEFT config (the architecture family's targets from defaults.py
+unless told otherwise), the `Trainer` arguments (checkpoints, eval split,
+warmup, optimizer per device), the short-run warning, resuming from the newest
+*complete* checkpoint, stopping at a safe point when asked, the promotion gate
+(gate.py) and publishing the adapter: a staging folder with the weights, a
+training card (loss history included) and its loss.png, renamed into the store
+in one step, or into `<store>/.loraplex/unpromoted/<name>/` when the gate says
+no. Checkpoints live in `<store>/.loraplex/train/<name>/` until success.
 
 The training loop is transformers'; this module does not implement one. It
 does not know about HTTP, the registry or a running server (the CLI and the
@@ -34,7 +36,9 @@ from ..atomic import publish, staging_path
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import load_model
+from . import defaults, gate
 from .data import Dataset, Example, load_dataset
+from .plot import PLOT_FILE, plot_losses
 from .progress import LossBar, ProgressReporter, StopAtSafePoint
 
 log = logging.getLogger("loraplex.train")
@@ -54,12 +58,12 @@ class TrainOptions:
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] | None = None   # None: PEFT's preset for the architecture; ["all-linear"]: every Linear
+    target_modules: list[str] | None = None   # None: the family's (defaults.py); ["all-linear"]: every Linear
     learning_rate: float = 2e-4
     warmup_ratio: float = 0.03
     epochs: float = 3.0
     max_steps: int = -1                        # > 0 overrides epochs
-    batch_size: int = 8
+    batch_size: int = defaults.BATCH_SIZE
     grad_accum: int = 1
     max_seq_len: int = 512
     eval_fraction: float = 0.1
@@ -75,16 +79,23 @@ class TrainOptions:
     resume: bool = False
     long_examples: str = "error"               # error | skip | truncate
     replace: bool = False
+    promote_if: str | None = None              # a gate (gate.py); failing it leaves the adapter unpromoted
 
     def hyperparameters(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("data", "name", "resume", "replace"):
+        for k in ("data", "name", "resume", "replace", "promote_if"):
             d.pop(k)
         return d
 
 
 def work_dir(store: Path, name: str) -> Path:
     return Path(store) / ".loraplex" / "train" / name
+
+
+def unpromoted_dir(store: Path, name: str) -> Path:
+    """Where a run that failed its gate is kept: inside the store's hidden folder, which no scan,
+    resolver or watcher serves from, so the adapter is on disk but not servable by name."""
+    return Path(store) / ".loraplex" / "unpromoted" / name
 
 
 def newest_complete_checkpoint(folder: Path) -> Path | None:
@@ -162,9 +173,12 @@ def _peft_model(model: Any, opts: TrainOptions) -> Any:
     elif opts.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    targets: Any = opts.target_modules
-    if targets == ["all-linear"]:
-        targets = "all-linear"
+    targets: Any = opts.target_modules or ["default"]
+    if len(targets) == 1 and targets[0] in defaults.PRESETS:   # a preset by name; default: the family's table
+        try:
+            targets = defaults.targets_for(getattr(model.config, "model_type", ""), targets[0])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     cfg = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=targets,
                      use_dora=opts.dora, use_rslora=opts.rslora, modules_to_save=opts.modules_to_save,
                      task_type="CAUSAL_LM")
@@ -179,7 +193,10 @@ def _training_args(opts: TrainOptions, out: Path, device: torch.device, precisio
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=opts.batch_size, per_device_eval_batch_size=opts.batch_size,
+        output_dir=str(out), per_device_train_batch_size=opts.batch_size,
+        # One example per eval batch: eval_loss is then the mean of each example's loss, what
+        # `loraplex eval` computes (evaluate.py), and padding never changes it.
+        per_device_eval_batch_size=1,
         gradient_accumulation_steps=opts.grad_accum, num_train_epochs=opts.epochs, max_steps=opts.max_steps,
         learning_rate=opts.learning_rate, warmup_steps=opts.warmup_ratio, lr_scheduler_type="linear",
         logging_steps=1, eval_strategy="epoch" if has_eval else "no", save_strategy="steps",
@@ -191,14 +208,22 @@ def _training_args(opts: TrainOptions, out: Path, device: torch.device, precisio
     )
 
 
-def _publish(peft_model: Any, card: dict, store: Path, name: str, replace_existing: bool) -> Path:
+def _publish(peft_model: Any, card: dict, store: Path, name: str, replace_existing: bool,
+             target: Path | None = None) -> Path:
     """Write the adapter to a staging folder beside the store, then rename it in: whole or not at all."""
     home = store / ".loraplex"
     home.mkdir(parents=True, exist_ok=True)
     staging = staging_path(home, name)
-    target = store / name
+    target = target or store / name
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         peft_model.save_pretrained(str(staging))
+        if card.get("history"):
+            try:
+                plot_losses(card["history"], staging / PLOT_FILE, f"{name}: {card['method']} on {card['base_model']}")
+                card["plot"] = PLOT_FILE
+            except Exception as e:  # a picture is not worth a lost training run
+                log.warning("could not draw %s: %s", PLOT_FILE, e)
         (staging / CARD_FILE).write_text(json.dumps(card, indent=1))
         try:
             publish(staging, target, replace=replace_existing, aside_dir=home)
@@ -207,6 +232,36 @@ def _publish(peft_model: Any, card: dict, store: Path, name: str, replace_existi
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _targets(model: Any) -> list[str]:
+    t = model.peft_config["default"].target_modules
+    return [t] if isinstance(t, str) else sorted(t)
+
+
+def _history(log_history: list[dict]) -> list[dict]:
+    """The per-step training loss and per-evaluation eval loss, for the card and its plot."""
+    keep = ("step", "epoch", "loss", "eval_loss", "learning_rate")
+    return [{k: h[k] for k in keep if k in h} for h in log_history if "loss" in h or "eval_loss" in h]
+
+
+def _held_out_exact_match(model: Any, tokenizer: Any, data: Dataset, eos: list[int], device: Any) -> dict:
+    """The adapter's and the base's exact match on the held-out split (for an exact_match gate)."""
+    from .evaluate import EvalData, score
+
+    held = EvalData(data.eval, {})
+    mine = score(model, tokenizer, held, device, eos, lambda _e: None, "adapter")
+    with model.disable_adapter():
+        base = score(model, tokenizer, held, device, eos, lambda _e: None, "base")
+    return {"exact_match": mine["exact_match"], "base_exact_match": base["exact_match"], "scored": mine["scored"]}
+
+
+def _promotion(g: gate.Gate, card: dict, measured: dict) -> dict:
+    adapter = {"eval_loss": card["eval_loss"], "exact_match": measured.get("exact_match")}
+    # LoRA starts as the identity (B = 0; DoRA's magnitude is the weight's norm; saved modules are
+    # copies), so the eval loss before the first step is the base's on the same split.
+    base = {"eval_loss": card["eval_loss_before"], "exact_match": measured.get("base_exact_match")}
+    return gate.check(g, adapter, base)
 
 
 def _last(history: list[dict], key: str) -> float | None:
@@ -228,6 +283,9 @@ def train(opts: TrainOptions, model_cfg: ModelConfig, *, store: Path, cache_dir:
     target = store / opts.name
     if target.exists() and not opts.replace:
         raise TrainingError(f"{target} already exists; choose another --name or pass --replace")
+    g = gate.parse(opts.promote_if) if opts.promote_if else None  # a bad gate fails before any work
+    if g is not None and opts.eval_fraction <= 0:
+        raise ConfigError(f"--promote-if {opts.promote_if!r} needs a held-out split; eval_fraction is 0")
     set_seed(opts.seed)
     started = time.time()
     loaded = _load_base(opts, model_cfg, cache_dir, report)
@@ -238,6 +296,13 @@ def train(opts: TrainOptions, model_cfg: ModelConfig, *, store: Path, cache_dir:
     trainable, total = model.get_nb_trainable_parameters()
     report({"event": "parameters", "trainable": trainable, "total": total,
             "percent": round(100.0 * trainable / total, 4)})
+    steps = defaults.optimizer_steps(len(data.train), opts.batch_size, opts.grad_accum, opts.epochs, opts.max_steps)
+    supervised = sum(sum(1 for t in e.labels if t != -100) for e in data.train)
+    seen = int(supervised * (steps * opts.batch_size * opts.grad_accum) / max(len(data.train), 1))
+    warnings = [w for w in [defaults.short_run(steps, seen, trainable)] if w]
+    for w in warnings:
+        log.warning("%s", w)
+        report({"event": "warning", "message": w, "steps": steps, "tokens": seen, "trainable": trainable})
     precision, why = _precision(opts, loaded.device)
     log.info("precision %s (%s)", precision, why)
     work = work_dir(store, opts.name)
@@ -270,18 +335,31 @@ def train(opts: TrainOptions, model_cfg: ModelConfig, *, store: Path, cache_dir:
     train_loss = _last(trainer.state.log_history, "loss")
     if train_loss is not None and not math.isfinite(train_loss):
         raise TrainingError(f"training diverged (loss {train_loss}); nothing was published")
+    measured = (_held_out_exact_match(model, loaded.tokenizer, data, loaded.eos_token_ids, loaded.device)
+                if g is not None and g.needs_exact_match() else {})
     card = {
         "name": opts.name, "base_model": loaded.model_id, "base_source": str(model_cfg.model),
         "method": "qlora" if opts.qlora else "lora", "precision": precision, "device": str(loaded.device),
         "data": {"file": str(opts.data), **data.summary()}, "hyperparameters": opts.hyperparameters(),
         "parameters": {"trainable": trainable, "total": total},
+        "target_modules": _targets(model),
+        "warnings": warnings,
+        "history": _history(trainer.state.log_history),
         "steps": trainer.state.global_step, "resumed_from": str(ckpt.name) if ckpt else None,
         "train_loss": train_loss, "train_loss_mean": float(result.training_loss),
-        "eval_loss_before": eval_before, "eval_loss": eval_after,
+        "eval_loss_before": eval_before, "eval_loss": eval_after, **({"held_out": measured} if measured else {}),
         "train_seconds": round(time.time() - started, 1),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    path = _publish(model, card, store, opts.name, opts.replace)
+    promoted = True
+    if g is not None:
+        card["promotion"] = _promotion(g, card, measured)
+        promoted = card["promotion"]["passed"]
+        (log.info if promoted else log.warning)("%s", card["promotion"]["reason"])
+    if promoted:
+        path = _publish(model, card, store, opts.name, opts.replace)
+    else:  # kept on disk, out of the store's names: what serves today stays as it is
+        path = _publish(model, card, store, opts.name, True, target=unpromoted_dir(store, opts.name))
     shutil.rmtree(work, ignore_errors=True)
-    report({"event": "done", "path": str(path), "card": card})
+    report({"event": "done", "path": str(path), "promoted": promoted, "card": card})
     return card

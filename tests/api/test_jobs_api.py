@@ -57,6 +57,9 @@ def test_train_job_registers_the_adapter(jobs_client, store_copy):
     assert job["kind"] == "train" and job["progress"]["step"] == job["progress"]["total"] > 0
     assert "loss" in job["progress"] and "eval_loss" in job["progress"]
     assert job["progress"]["parameters"]["trainable"] > 0
+    # The series a page plots: every step's training loss, and the eval losses.
+    steps = [p["step"] for p in job["series"] if "loss" in p]
+    assert steps == list(range(1, job["progress"]["total"] + 1)) and any("eval_loss" in p for p in job["series"])
     assert job["result"]["adapter"]["name"] == "trained" and job["result"]["card"]["eval_loss"] is not None
     assert "trained" in [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert (store_copy / "trained" / "training.json").is_file()
@@ -88,6 +91,9 @@ def test_train_job_with_bad_data_fails_naming_the_line(jobs_client, data_dir):
     ({"dora": "yes please"}, 400, None),
     ({"epochs": -1}, 400, None),
     ({"surprise": 1}, 400, None),
+    ({"promote_if": "eval_loss < __import__('os')"}, 400, "invalid_gate"),
+    ({"promote_if": "eval_loss<base", "eval_fraction": 0}, 400, None),
+    ({"alias": "../x"}, 400, "invalid_name"),
 ])
 def test_train_requests_are_checked_before_queueing(jobs_client, body, status, code):
     client = jobs_client()
@@ -117,6 +123,54 @@ def test_export_job_writes_a_verified_model_folder(jobs_client, tmp_path):
     assert job["result"]["path"] == str(out) and job["result"]["card"]["max_abs_logit_diff"] < 1e-4
     assert (out / "config.json").is_file() and (out / "loraplex-export.json").is_file()
     assert client.post("/admin/exports", json={"adapter": "alpha", "name": "alpha-fused"}).status_code == 409
+    # The export evaluates as the adapter it was fused from.
+    r = client.post("/admin/evals", json={"data": "d.jsonl", "adapters": ["alpha"], "exports": ["alpha-fused"],
+                                          "max_examples": 3, "exact": False})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"])
+    assert job["status"] == "succeeded", job["error"]
+    rows = {row["model"]: row for row in job["result"]["results"]}
+    assert rows["alpha-fused"]["kind"] == "export" and rows["base"]["loss"] != rows["alpha"]["loss"]
+    assert rows["alpha-fused"]["loss"] == pytest.approx(rows["alpha"]["loss"], rel=1e-4)
+
+
+def test_a_gated_train_job_registers_and_flips_an_alias_only_when_the_gate_holds(jobs_client, store_copy):
+    client = jobs_client()
+    r = client.post("/admin/train", json={**TRAIN, "name": "gated", "promote_if": "eval_loss<0.01*base",
+                                          "alias": "live"})
+    job = wait_job(client, r.json()["job"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["result"]["promoted"] is False and "does not hold" in job["result"]["card"]["promotion"]["reason"]
+    assert "gated" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert not (store_copy / "gated").exists() and client.get("/admin/aliases/live").status_code == 404
+    r = client.post("/admin/train", json={**TRAIN, "name": "gated", "promote_if": "eval_loss<base",
+                                          "alias": "live"})
+    job = wait_job(client, r.json()["job"])
+    assert job["status"] == "succeeded", job["error"]
+    version = job["result"]["adapter"]["version"]
+    assert job["result"]["promoted"] is True and job["result"]["alias"]["targets"][0]["model"] == f"gated@{version}"
+    assert client.get("/admin/aliases/live").json()["targets"][0]["model"] == f"gated@{version}"
+
+
+def test_eval_jobs(jobs_client):
+    client = jobs_client()
+    r = client.post("/admin/evals", json={"data": "d.jsonl", "adapters": ["alpha", "beta"], "max_examples": 2})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["kind"] == "eval" and [row["model"] for row in job["result"]["results"]] == ["base", "alpha", "beta"]
+    assert all(row["scored"] == 2 and row["loss"] > 0 for row in job["result"]["results"])
+    assert 'loraplex_jobs_total{kind="eval",status="succeeded"} 1.0' in client.get("/metrics").text
+    for body, status in (({"data": "d.jsonl", "held_out": "alpha"}, 400), ({}, 400),
+                         ({"data": "../secret.jsonl"}, 400), ({"data": "d.jsonl", "adapters": ["nobody"]}, 404),
+                         ({"data": "d.jsonl", "exports": ["nothing"]}, 400),
+                         ({"data": "d.jsonl", "base": False}, 400), ({"data": "d.jsonl", "extra": 1}, 400)):
+        r = client.post("/admin/evals", json=body)
+        assert r.status_code in ((status, 422) if status == 400 else (status,)), (body, r.text)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    # held_out: alpha was not trained here (no card): the job fails saying so.
+    job = wait_job(client, client.post("/admin/evals", json={"held_out": "alpha"}).json()["job"])
+    assert job["status"] == "failed" and "no readable training card" in job["error"]
 
 
 def test_unknown_jobs_and_auth(jobs_client):

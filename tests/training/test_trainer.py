@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from server.config import ModelConfig
+from server.errors import ConfigError
 from server.training.trainer import TrainingError, TrainOptions, newest_complete_checkpoint, train, work_dir
 
 # Child processes, a Ray cluster or a real model: in `make test`, not in `make test-fast`.
@@ -57,6 +58,18 @@ def test_training_lowers_the_loss_and_publishes_a_card(tiny_model_dir, tmp_path,
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in tensors.items())
     assert not work_dir(tmp_path, "fox").exists()  # checkpoints go once the adapter is published
+    # 36 examples, batch 8, 2 epochs: 10 steps, and the run says so before it starts, and in the card.
+    warned = [e for e in events if e["event"] == "warning"]
+    assert len(warned) == 1 and "10 optimizer steps (fewer than 50)" in warned[0]["message"]
+    assert saved["warnings"] == [warned[0]["message"]] and warned[0]["steps"] == 10
+    # The default targets: every attention and MLP projection of the (Llama) family.
+    assert saved["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"])
+    # Progress to look at: the per-step losses in the card, drawn as a PNG beside the adapter.
+    steps = [h["step"] for h in saved["history"] if "loss" in h]
+    assert steps == list(range(1, 11)) and sum("eval_loss" in h for h in saved["history"]) == 3
+    assert saved["plot"] == "loss.png" and (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "loss.png").stat().st_size > 5000
     with pytest.raises(TrainingError, match="already exists"):
         run(tiny_model_dir, tmp_path, opts(data_file, "fox"))
 
@@ -184,3 +197,52 @@ def test_a_variant_adapter_trained_here_is_served_as_peft_computes_it(tiny_model
         want = peft.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0,
                              eos_token_id=None)[0, len(ids):].tolist()
     assert got == want
+
+
+def test_the_held_out_split_evaluates_to_what_training_reported(tiny_model_dir, tmp_path, data_file):
+    from server.training.evaluate import Candidate, evaluate, held_out
+
+    card = run(tiny_model_dir, tmp_path, opts(data_file, "fox"))
+    data, split = held_out(tmp_path / "fox")
+    result = evaluate([Candidate("base", "base"), Candidate("fox", "adapter", tmp_path / "fox")], data,
+                      ModelConfig(model=str(tiny_model_dir)), tmp_path / "cache", split=split)
+    rows = {r["model"]: r for r in result["results"]}
+    assert result["data"]["split"] == "held-out" and result["data"]["evaluated"] == card["data"]["eval"] == 12
+    assert rows["fox"]["loss"] == pytest.approx(card["eval_loss"], rel=1e-5)
+    assert rows["base"]["loss"] == pytest.approx(card["eval_loss_before"], rel=1e-5)
+    data_file_copy = tmp_path / "changed.jsonl"
+    data_file_copy.write_text(data_file.read_text() + data_file.read_text().splitlines()[0] + "\n")
+    with pytest.raises(Exception, match="changed since training"):
+        evaluate([Candidate("base", "base")], data_file_copy, ModelConfig(model=str(tiny_model_dir)), tmp_path,
+                 split=split)
+
+
+def test_a_gate_that_fails_keeps_the_adapter_aside_and_one_that_holds_publishes(tiny_model_dir, tmp_path, data_file):
+    from server.training.trainer import unpromoted_dir
+
+    card = run(tiny_model_dir, tmp_path, opts(data_file, "fox", promote_if="eval_loss<0.01*base"))
+    assert card["promotion"]["passed"] is False and "does not hold" in card["promotion"]["reason"]
+    assert not (tmp_path / "fox").exists()                     # not servable by name
+    kept = unpromoted_dir(tmp_path, "fox")
+    assert (kept / "adapter_model.safetensors").is_file()      # ... but kept, with its card saying why
+    assert json.loads((kept / "training.json").read_text())["promotion"]["passed"] is False
+    card = run(tiny_model_dir, tmp_path, opts(data_file, "fox", promote_if="eval_loss<base"))
+    assert card["promotion"]["passed"] is True and card["promotion"]["threshold"] == card["eval_loss_before"]
+    assert (tmp_path / "fox" / "adapter_model.safetensors").is_file()
+    # exact_match gates evaluate greedy answers on the held-out split for the adapter and the base.
+    card = run(tiny_model_dir, tmp_path, opts(data_file, "fox2", promote_if="exact_match>=0.0"))
+    assert card["held_out"]["scored"] == 12 and card["promotion"]["passed"] is True
+    with pytest.raises(ConfigError, match="held-out split"):
+        run(tiny_model_dir, tmp_path, opts(data_file, "fox3", promote_if="eval_loss<base", eval_fraction=0.0))
+
+
+def test_the_cli_exits_4_when_the_gate_does_not_hold(tiny_model_dir, tmp_path, data_file):
+    from server import cli
+
+    argv = ["train", str(data_file), "--name", "fox", "--base", str(tiny_model_dir), "--adapters-dir",
+            str(tmp_path), "--rank", "4", "--epochs", "1", "--batch-size", "8", "--max-seq-len", "64",
+            "--eval-fraction", "0.25", "--progress", "json"]
+    assert cli.main(argv + ["--promote-if", "eval_loss<0.01*base"]) == 4
+    assert not (tmp_path / "fox").exists()
+    assert cli.main(argv + ["--promote-if", "eval_loss<<base"]) == 1     # a gate that does not parse
+    assert cli.main(argv + ["--alias", "live"]) == 2                     # --alias needs --register
