@@ -1,6 +1,7 @@
 """The trainer's defaults on a small fixed-format task: old defaults vs new, and QLoRA vs LoRA.
 
     python -m loadtest.trainer_defaults --examples 80 --epochs 2 [--out DIR]
+    python -m loadtest.trainer_defaults --data data/terse.jsonl --data data/pirate.jsonl --runs new,qlora
 
 It writes `--examples` chat records of one answer format (the json-answer style of
 data/make_samples.py: `{"answer": ..., "category": ...}`) drawn from its generators, trains the
@@ -9,7 +10,9 @@ run) and prints the held-out eval loss before and after each run, its drop, step
   old   the defaults before the trainer issue: PEFT's preset targets (q_proj, v_proj), batch 8
   new   today's defaults (the family's seven projections, r 16, alpha 32, batch 4)
   qlora today's defaults on an nf4 base (bitsandbytes), compute in the CPU's bf16 or fp32
-Quality, not speed: one run each, the same data and steps for new and qlora.
+With `--data FILE` (repeatable) the runs are made on those files instead (the sample datasets),
+`--rank`/`--alpha` overriding the default rank. Quality, not speed: one run each, the same data,
+split and steps for new and qlora.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=80)
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--runs", default="old,new,qlora")
+    ap.add_argument("--data", action="append", help="train on this JSONL instead (repeatable)")
+    ap.add_argument("--rank", type=int)
+    ap.add_argument("--alpha", type=int)
     ap.add_argument("--out", help="keep the data and adapters here (default: a temporary folder)")
     args = ap.parse_args()
 
@@ -55,27 +61,28 @@ def main() -> None:
 
     work = Path(args.out or tempfile.mkdtemp(prefix="trainer-defaults-"))
     work.mkdir(parents=True, exist_ok=True)
-    data = write_data(work / "fixed-format.jsonl", args.examples)
-    runs = {"old": dict(target_modules=None, batch_size=8, old_preset=True), "new": {}, "qlora": dict(qlora=True)}
-    rows = []
-    for name in args.runs.split(","):
-        kw = dict(runs[name])
-        if kw.pop("old_preset", False):
-            kw["target_modules"] = ["q_proj", "v_proj"]  # what PEFT's preset gives a Llama
-        opts = TrainOptions(data=data, name=name, epochs=args.epochs, eval_fraction=0.1, seed=0, replace=True, **kw)
-        t0 = time.monotonic()
-        card = train(opts, cfg.model, store=work / "store", cache_dir=cfg.path(cfg.model.cache_dir), quiet=True)
-        secs = time.monotonic() - t0
-        drop = 1 - card["eval_loss"] / card["eval_loss_before"]
-        rows.append((name, card, drop, secs))
-        print(f"{name:6} targets {','.join(card['target_modules'])} r {opts.rank} batch {opts.batch_size}: eval loss "
-              f"{card['eval_loss_before']:.4f} -> {card['eval_loss']:.4f} ({100 * drop:.1f} % drop), "
-              f"{card['steps']} steps, {secs:.0f} s, warnings {len(card['warnings'])}", flush=True)
-    by = {n: c for n, c, _, _ in rows}
-    if "new" in by and "qlora" in by:
-        gap = by["qlora"]["eval_loss"] / by["new"]["eval_loss"] - 1
-        print(f"qlora vs lora eval loss: {by['qlora']['eval_loss']:.4f} vs {by['new']['eval_loss']:.4f} "
-              f"({100 * gap:+.1f} %)")
+    files = [Path(d) for d in args.data] if args.data else [write_data(work / "fixed-format.jsonl", args.examples)]
+    runs = {"old": dict(batch_size=8, target_modules=["q_proj", "v_proj"]),  # PEFT's preset for a Llama
+            "new": {}, "qlora": dict(qlora=True)}
+    sizes = {k: v for k, v in (("rank", args.rank), ("alpha", args.alpha)) if v is not None}
+    for data in files:
+        by = {}
+        for name in args.runs.split(","):
+            opts = TrainOptions(data=data, name=f"{data.stem}-{name}", epochs=args.epochs, eval_fraction=0.1, seed=0,
+                                replace=True, **{**sizes, **runs[name]})
+            t0 = time.monotonic()
+            card = train(opts, cfg.model, store=work / "store", cache_dir=cfg.path(cfg.model.cache_dir), quiet=True)
+            secs = time.monotonic() - t0
+            drop = 1 - card["eval_loss"] / card["eval_loss_before"]
+            by[name] = card
+            print(f"{data.name} {name:6} targets {','.join(card['target_modules'])} r {opts.rank} batch "
+                  f"{opts.batch_size}: eval loss {card['eval_loss_before']:.4f} -> {card['eval_loss']:.4f} "
+                  f"({100 * drop:.1f} % drop), {card['steps']} steps, {secs:.0f} s, "
+                  f"warnings {len(card['warnings'])}", flush=True)
+        if "new" in by and "qlora" in by:
+            gap = by["qlora"]["eval_loss"] / by["new"]["eval_loss"] - 1
+            print(f"{data.name} qlora vs lora eval loss: {by['qlora']['eval_loss']:.4f} vs "
+                  f"{by['new']['eval_loss']:.4f} ({100 * gap:+.1f} %)", flush=True)
     print(f"data and adapters in {work}")
 
 

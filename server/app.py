@@ -28,6 +28,7 @@ from .api.models import router as models_router
 from .api.openai import router as openai_router
 from .api.ops import router as ops_router
 from .api.responses import router as responses_router
+from .api.ui import router as ui_router
 from .config import Config
 from .engine.protocol import Engine
 from .jobs import JobManager
@@ -163,4 +164,6 @@ def create_app(config: Config, engine: Engine | None = None, *, exit_on_load_fai
     app.include_router(responses_router)
     app.include_router(admin_router)
     app.include_router(jobs_router)
+    if config.server.ui:
+        app.include_router(ui_router)
     return app

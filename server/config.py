@@ -101,6 +101,7 @@ class ServerConfig:
     # long to finish, then end with an error event; then the process exits 0.
     drain_timeout_s: Seconds = 30.0
     metrics_access: Literal["public", "inference", "admin"] = "public"  # inference: an API key; admin: the token
+    ui: bool = True                 # the web console at /ui (static files; it calls the API like any client)
 
 
 @section(config=_SECTION)

@@ -110,7 +110,7 @@ INFERENCE_ROOT = {"/tokenize", "/detokenize", "/tokenizer_info"}   # vLLM serves
 
 def route_class(path: str) -> str | None:
     """public | metrics | admin | inference, or None for a path no class covers (deny)."""
-    if path in PUBLIC_PATHS:
+    if path in PUBLIC_PATHS or path == "/ui" or path.startswith("/ui/"):   # the console's static files
         return "public"
     if path == "/metrics":
         return "metrics"
