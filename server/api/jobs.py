@@ -180,6 +180,22 @@ def _folder_of(state: AppState, name: str, param: str) -> Path:
     return entry.path
 
 
+def _card_data_inside_data_dir(state: AppState, folder: Path) -> None:
+    """A card names its data file, and a card can come with an adapter from anywhere: the file it
+    names is read only when it lies inside train.data_dir, as for a training request."""
+    from ..training.data import DataError
+    from ..training.evaluate import held_out
+
+    try:
+        data, _ = held_out(folder)
+    except DataError as e:
+        raise InvalidRequest(str(e), param="held_out", code="no_training_card") from None
+    root = state.config.path(state.config.train.data_dir).resolve()
+    if root not in data.resolve().parents:   # relative: to the working folder, as the job reads it
+        raise InvalidRequest(f"the training card of {folder.name!r} names a data file outside the training data "
+                             f"folder ({root})", param="held_out", code="path_outside_roots")
+
+
 @router.post("/admin/evals")
 async def start_eval(body: EvalBody, state: AppState = Depends(require_admin)) -> Any:
     """Score the base, adapters, blends and exports on one file (or a run's held-out split), as a job."""
@@ -192,7 +208,9 @@ async def start_eval(body: EvalBody, state: AppState = Depends(require_admin)) -
         argv.append(str(_data_file(state, body.data)))
     else:
         assert body.held_out is not None
-        argv += ["--held-out", str(_folder_of(state, body.held_out, "held_out"))]
+        folder = _folder_of(state, body.held_out, "held_out")
+        _card_data_inside_data_dir(state, folder)
+        argv += ["--held-out", str(folder)]
     argv += [*_base_flags(state), "--quantization", state.config.model.quantization]
     folders = [str(_folder_of(state, n, "adapters")) for n in body.adapters]
     if folders:

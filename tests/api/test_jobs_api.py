@@ -152,7 +152,7 @@ def test_a_gated_train_job_registers_and_flips_an_alias_only_when_the_gate_holds
     assert client.get("/admin/aliases/live").json()["targets"][0]["model"] == f"gated@{version}"
 
 
-def test_eval_jobs(jobs_client):
+def test_eval_jobs(jobs_client, store_copy):
     client = jobs_client()
     r = client.post("/admin/evals", json={"data": "d.jsonl", "adapters": ["alpha", "beta"], "max_examples": 2})
     assert r.status_code == 202, r.text
@@ -168,9 +168,15 @@ def test_eval_jobs(jobs_client):
         r = client.post("/admin/evals", json=body)
         assert r.status_code in ((status, 422) if status == 400 else (status,)), (body, r.text)
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-    # held_out: alpha was not trained here (no card): the job fails saying so.
-    job = wait_job(client, client.post("/admin/evals", json={"held_out": "alpha"}).json()["job"])
-    assert job["status"] == "failed" and "no readable training card" in job["error"]
+    # held_out: alpha was not trained here (no card); a card naming a file outside the data folder
+    # (an adapter's card comes from whoever made it) is refused before anything reads it.
+    r = client.post("/admin/evals", json={"held_out": "alpha"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_training_card"
+    card = {"data": {"file": "/etc/passwd", "sha256": "x"}, "method": "lora",
+            "hyperparameters": {"eval_fraction": 0.1, "seed": 0, "max_seq_len": 64}}
+    (store_copy / "beta" / "training.json").write_text(json.dumps(card))
+    r = client.post("/admin/evals", json={"held_out": "beta"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "path_outside_roots"
 
 
 def test_unknown_jobs_and_auth(jobs_client):
