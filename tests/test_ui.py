@@ -144,6 +144,7 @@ def test_load_unload_and_pin_from_the_table(page, server):
 def test_a_training_job_started_from_the_page_finishes_with_a_curve(page, server):
     sign_in(page)
     page.click("#tab-train")
+    page.wait_for_selector("#data-files option[value='d.jsonl']", state="attached")  # the data folder, offered
     page.fill("#train-name", "ui-trained")
     page.fill("#train-data", "d.jsonl")
     page.fill("#train-epochs", "1")

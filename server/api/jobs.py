@@ -257,6 +257,15 @@ async def start_export(body: ExportBody, state: AppState = Depends(require_admin
     return JSONResponse({"job": job.id, **job.public()}, status_code=202)
 
 
+@router.get("/admin/data")
+async def list_data(state: AppState = Depends(require_admin)) -> Any:
+    """The JSONL files a training or evaluation may name: those in train.data_dir (not below it)."""
+    root = state.config.path(state.config.train.data_dir).resolve()
+    files = sorted(p for p in root.glob("*.jsonl") if p.is_file() and root in p.resolve().parents) \
+        if root.is_dir() else []
+    return {"object": "list", "data": [{"name": p.name, "size_bytes": p.stat().st_size} for p in files]}
+
+
 @router.get("/admin/jobs")
 async def list_jobs(state: AppState = Depends(require_admin)) -> Any:
     return {"object": "list", "data": [j.public() for j in state.jobs.list()] if state.jobs else []}

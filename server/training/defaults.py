@@ -65,12 +65,15 @@ def optimizer_steps(examples: int, batch_size: int, grad_accum: int, epochs: flo
 
 def short_run(steps: int, tokens_seen: int, trainable: int) -> str | None:
     """One line with the numbers and what to change, or None for a run long enough."""
-    problems = []
+    problems, advice = [], []
     if steps < MIN_STEPS:
         problems.append(f"{steps} optimizer steps (fewer than {MIN_STEPS})")
+        advice.append("raise --epochs or lower --batch-size (or --grad-accum) for more steps, or the adapter may "
+                      "learn little")
     if tokens_seen < trainable:
         problems.append(f"{tokens_seen} supervised tokens seen for {trainable} trainable parameters")
+        advice.append("add data or lower --rank, or it may learn the examples rather than the task (watch the "
+                      "eval loss)")
     if not problems:
         return None
-    return ("this run is short: " + " and ".join(problems) + "; raise --epochs or lower --batch-size (or "
-            "--grad-accum) for more steps, add data, or lower --rank; the adapter may learn little")
+    return "this run is short: " + " and ".join(problems) + "; " + "; ".join(advice)

@@ -179,6 +179,14 @@ def test_eval_jobs(jobs_client, store_copy):
     assert r.status_code == 400 and r.json()["error"]["code"] == "path_outside_roots"
 
 
+def test_the_data_folder_is_listed(jobs_client, data_dir):
+    (data_dir / "sub").mkdir()
+    (data_dir / "sub" / "deeper.jsonl").write_text("{}\n")
+    (data_dir / "escape.jsonl").symlink_to(data_dir.parent / "secret.jsonl")
+    names = [f["name"] for f in jobs_client().get("/admin/data").json()["data"]]
+    assert names == ["bad.jsonl", "d.jsonl"]   # not below it, not through a link out of it
+
+
 def test_unknown_jobs_and_auth(jobs_client):
     client = jobs_client(LORAPLEX_SERVER__API_KEYS="inf")
     del client.headers["Authorization"]

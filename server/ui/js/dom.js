@@ -43,7 +43,7 @@ function svg(tag, attrs, text) {
   return node;
 }
 
-// series: [{name, points: [[x, y], ...]}]; draws every series on shared axes with a legend.
+// series: [{name, points: [[x, y], ...], markers?}]; draws every series on shared axes with a legend.
 export function lineChart(target, series, { xLabel = "", yLabel = "" } = {}) {
   const W = 600, H = 220, L = 48, R = 10, T = 10, B = 34;
   target.replaceChildren();
@@ -73,8 +73,8 @@ export function lineChart(target, series, { xLabel = "", yLabel = "" } = {}) {
     const d = s.points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
     target.append(svg("polyline", { points: d, fill: "none", stroke: colour, "stroke-width": 1.6,
                                     "data-series": s.name }));
-    if (s.points.length === 1) {
-      target.append(svg("circle", { cx: sx(s.points[0][0]), cy: sy(s.points[0][1]), r: 3, fill: colour }));
+    if (s.points.length === 1 || s.markers) {   // sparse series (evaluations) show each point
+      for (const p of s.points) target.append(svg("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 3, fill: colour }));
     }
     target.append(svg("text", { x: W - R - 4, y: T + 12 + 13 * i, "text-anchor": "end", fill: colour }, s.name));
   });

@@ -15,7 +15,7 @@ function num(id) {
 function drawCurve(job) {
   const train = job.series.filter((p) => p.loss !== undefined).map((p) => [p.step, p.loss]);
   const evals = job.series.filter((p) => p.eval_loss !== undefined).map((p) => [p.step, p.eval_loss]);
-  lineChart($("#train-chart"), [{ name: "training loss", points: train }, { name: "eval loss", points: evals }],
+  lineChart($("#train-chart"), [{ name: "training loss", points: train }, { name: "eval loss", points: evals, markers: true }],
             { xLabel: "optimizer step", yLabel: "loss" });
 }
 
@@ -37,6 +37,10 @@ async function poll() {
     clearInterval(timer);
     timer = null;
     $("#train-cancel").disabled = true;
+    if (job.result && job.result.card && job.result.card.promotion) {
+      const gate = job.result.card.promotion;
+      status($("#train-status"), `${job.status}: ${gate.passed ? "promoted" : "not promoted"}: ${gate.reason}`);
+    }
     if (job.result && job.result.card) {
       $("#train-card").textContent = JSON.stringify(job.result.card, null, 1);
       $("#train-card-box").hidden = false;
@@ -101,6 +105,10 @@ export async function show() {
   const allowed = await adminAllowed();
   $("#view-train .needs-admin").hidden = allowed;
   for (const b of document.querySelectorAll("#train-form button[type=submit], #eval-form button")) b.disabled = !allowed;
+  if (allowed) {   // the data folder's files, offered in both forms
+    const files = await admin("GET", "/admin/data");
+    $("#data-files").replaceChildren(...files.data.map((f) => el("option", { value: f.name })));
+  }
 }
 
 export function init() {
