@@ -25,13 +25,14 @@ CONFIGS = {
 ROWS = ["dora", "__base__", "biased", "dora-rs", "plain", "dora", "biased"]
 
 
-def tiny(bias: bool, seed: int = 0):
+def tiny(bias: bool = False, seed: int = 0, tied: bool = False):
+    """A tiny random Llama: biases in every projection (non-zero) or none; tied embeddings or not."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.3, tie_word_embeddings=False, attention_bias=bias, mlp_bias=bias)
+                      initializer_range=0.3, tie_word_embeddings=tied, attention_bias=bias, mlp_bias=bias)
     model = LlamaForCausalLM(cfg).eval()
     if bias:  # zeros by default: make them count
         with torch.no_grad():
@@ -177,16 +178,6 @@ SWAP_CONFIGS = {
 SWAP_ROWS = ["saved", "__base__", "emb", "saved-emb", "plain", "saved", "emb"]
 
 
-def tiny_tied(tied: bool, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.3, tie_word_embeddings=tied)
-    return LlamaForCausalLM(cfg).eval()
-
-
 class Separate:
     """One PEFT model per adapter (PEFT refuses LoRA on a module another adapter keeps a copy of)."""
 
@@ -194,13 +185,13 @@ class Separate:
         self.tied, self.models = tied, {}
         torch.manual_seed(11)
         for name, cfg in SWAP_CONFIGS.items():
-            peft = get_peft_model(tiny_tied(tied), cfg, adapter_name=name)
+            peft = get_peft_model(tiny(tied=tied), cfg, adapter_name=name)
             with torch.no_grad():  # trained copies that differ from the base
                 for n, p in peft.named_parameters():
                     if "modules_to_save" in n:
                         p.add_(torch.randn_like(p) * 0.3)
             self.models[name] = peft.eval()
-        self.base = tiny_tied(tied)
+        self.base = tiny(tied=tied)
 
     def state(self, name):
         return get_peft_model_state_dict(self.models[name], adapter_name=name)
@@ -217,7 +208,7 @@ def swap_peft(request):
 
 
 def swap_slotted(peft):
-    model = tiny_tied(peft.tied)
+    model = tiny(tied=peft.tied)
     pool = LoraPool(len(SWAP_CONFIGS), torch.float32, torch.device("cpu"), "auto")
     pool.wrap(model, exclude={id(model.lm_head)})
     modules = {n for n, _ in model.named_modules()}
@@ -271,7 +262,7 @@ def test_a_slot_freed_of_its_copies_serves_the_next_adapter_exactly(swap_peft):
 
 
 def test_an_embedding_copy_of_another_base_is_refused(swap_peft):
-    model = tiny_tied(swap_peft.tied, seed=1)  # other weights: the file's saved embeddings are not this base's
+    model = tiny(tied=swap_peft.tied, seed=1)  # other weights: the file's saved embeddings are not this base's
     pool = LoraPool(2, torch.float32, torch.device("cpu"))
     pool.wrap(model, exclude={id(model.lm_head)})
     sd = swap_peft.state("emb")
