@@ -7,8 +7,8 @@ with the store, the registry and other jobs), the argument list handed to the
 job runner, and what happens when a job succeeds (a trained adapter is
 registered and servable at once, and an alias flipped to it when asked; one
 that failed its promotion gate is not). An evaluation names registered
-adapters, blends and exports, which become folders on the job's command line. Long work never runs in the request: the
-answer is 202 with a job id to poll.
+adapters, blends and exports, which become folders on the job's command line.
+Long work never runs in the request: the answer is 202 with a job id to poll.
 """
 
 from __future__ import annotations
@@ -145,6 +145,11 @@ async def start_training(body: TrainBody, state: AppState = Depends(require_admi
             raise InvalidRequest("promote_if needs a held-out split; eval_fraction is 0", param="promote_if")
     if body.alias is not None:
         check_name(body.alias, param="alias")
+        # Checked now so that the flip after training cannot fail on the name (it would leave the
+        # adapter registered and the alias as it was).
+        if body.alias == body.name or body.alias in {e.name for e in state.registry.entries()}:
+            raise Conflict(f"{body.alias!r} is an adapter's name; an alias needs a name of its own", param="alias",
+                           code="name_is_adapter")
     for param, names in (("target_modules", body.target_modules), ("modules_to_save", body.modules_to_save)):
         bad = [t for t in names or [] if not re.match(TARGET_RE, t)]
         if bad:

@@ -94,6 +94,8 @@ def test_train_job_with_bad_data_fails_naming_the_line(jobs_client, data_dir):
     ({"promote_if": "eval_loss < __import__('os')"}, 400, "invalid_gate"),
     ({"promote_if": "eval_loss<base", "eval_fraction": 0}, 400, None),
     ({"alias": "../x"}, 400, "invalid_name"),
+    ({"alias": "beta"}, 409, "name_is_adapter"),
+    ({"alias": "trained"}, 409, "name_is_adapter"),
 ])
 def test_train_requests_are_checked_before_queueing(jobs_client, body, status, code):
     client = jobs_client()
