@@ -69,13 +69,42 @@ def run_engine(model_dir, store, overrides):
         eng.shutdown()
 
 
-@pytest.mark.parametrize("overrides", [{"model.dtype": "float32"}, {"model.dtype": "bfloat16"},
-                                       {"model.quantization": "nf4"}])
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model.dtype": "float32"}, {"model.dtype": "bfloat16"},
+    {"model.dtype": "float32", "engine.attention_backend": "reference"},
+    {"model.dtype": "bfloat16", "engine.attention_backend": "reference"},
+    # The lent GPU machine has no bitsandbytes (its wheel is too big to carry): skipped there, said so.
+    pytest.param({"model.quantization": "nf4"},
+                 marks=pytest.mark.skipif(not _has_bitsandbytes(), reason="bitsandbytes is not installed"))])
 def test_engine_on_cuda_serves_base_and_adapter_in_one_batch(tiny_model_dir, tiny_store, overrides):
     outs = run_engine(tiny_model_dir, tiny_store, overrides)
     assert all(len(o) == 8 for o in outs)
     assert outs[0] == outs[2] == outs[4] and outs[1] == outs[3] == outs[5]  # same prompt, same adapter, same tokens
     assert outs[0] != outs[1]                                                # the adapter changes the output
+
+
+def test_bf16_agrees_with_fp32_greedy(tiny_model_dir, tiny_store):
+    """bf16 is not exact: every row's first token agrees, and the greedy agreement rate (matching
+    prefix over all tokens) is printed for the record. A tiny random model has near-ties, so the
+    bound is loose: 0.69 measured on a CPU in bf16 (base rows part at token 3, adapter rows never)."""
+    fp32 = run_engine(tiny_model_dir, tiny_store, {"model.dtype": "float32"})
+    bf16 = run_engine(tiny_model_dir, tiny_store, {"model.dtype": "bfloat16"})
+
+    def prefix(x, y):
+        n = 0
+        while n < len(x) and x[n] == y[n]:
+            n += 1
+        return n
+    prefixes = [prefix(a, b) for a, b in zip(fp32, bf16)]
+    rate = sum(prefixes) / sum(len(a) for a in fp32)
+    print(f"bf16 vs fp32 greedy agreement: {rate:.3f} (matching prefixes {prefixes} of 8)")
+    assert min(prefixes) >= 1 and rate >= 0.3, (rate, prefixes)
 
 
 def graph_run(model_dir, store, graphs: bool):
