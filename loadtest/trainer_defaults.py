@@ -10,6 +10,7 @@ run) and prints the held-out eval loss before and after each run, its drop, step
   old   the defaults before the trainer issue: PEFT's preset targets (q_proj, v_proj), batch 8
   new   today's defaults (the family's seven projections, r 16, alpha 32, batch 4)
   qlora today's defaults on an nf4 base (bitsandbytes), compute in the CPU's bf16 or fp32
+  loftq qlora with --loftq: LoRA starts as the best rank-r fix of nf4's error (training/loftq.py)
 With `--data FILE` (repeatable) the runs are made on those files instead (the sample datasets),
 `--rank`/`--alpha` overriding the default rank. Quality, not speed: one run each, the same data,
 split and steps for new and qlora.
@@ -47,7 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=80)
     ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--runs", default="old,new,qlora")
+    ap.add_argument("--runs", default="old,new,qlora,loftq")
     ap.add_argument("--data", action="append", help="train on this JSONL instead (repeatable)")
     ap.add_argument("--rank", type=int)
     ap.add_argument("--alpha", type=int)
@@ -63,7 +64,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     files = [Path(d) for d in args.data] if args.data else [write_data(work / "fixed-format.jsonl", args.examples)]
     runs = {"old": dict(batch_size=8, target_modules=["q_proj", "v_proj"]),  # PEFT's preset for a Llama
-            "new": {}, "qlora": dict(qlora=True)}
+            "new": {}, "qlora": dict(qlora=True), "loftq": dict(qlora=True, loftq=True)}
     sizes = {k: v for k, v in (("rank", args.rank), ("alpha", args.alpha)) if v is not None}
     for data in files:
         by = {}
@@ -79,10 +80,11 @@ def main() -> None:
                   f"{opts.batch_size}: eval loss {card['eval_loss_before']:.4f} -> {card['eval_loss']:.4f} "
                   f"({100 * drop:.1f} % drop), {card['steps']} steps, {secs:.0f} s, "
                   f"warnings {len(card['warnings'])}", flush=True)
-        if "new" in by and "qlora" in by:
-            gap = by["qlora"]["eval_loss"] / by["new"]["eval_loss"] - 1
-            print(f"{data.name} qlora vs lora eval loss: {by['qlora']['eval_loss']:.4f} vs "
-                  f"{by['new']['eval_loss']:.4f} ({100 * gap:+.1f} %)", flush=True)
+        for q in ("qlora", "loftq"):
+            if "new" in by and q in by:
+                gap = by[q]["eval_loss"] / by["new"]["eval_loss"] - 1
+                print(f"{data.name} {q} vs lora eval loss: {by[q]['eval_loss']:.4f} vs "
+                      f"{by['new']['eval_loss']:.4f} ({100 * gap:+.1f} %)", flush=True)
     print(f"data and adapters in {work}")
 
 

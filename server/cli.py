@@ -130,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup_ratio=args.warmup_ratio, epochs=pick(args.epochs, t.epochs), max_steps=args.max_steps,
         batch_size=pick(args.batch_size, t.batch_size), grad_accum=pick(args.grad_accum, t.grad_accum),
         max_seq_len=pick(args.max_seq_len, t.max_seq_len), eval_fraction=pick(args.eval_fraction, t.eval_fraction),
-        seed=pick(args.seed, t.seed), qlora=args.qlora, dora=args.dora, rslora=args.rslora,
+        seed=pick(args.seed, t.seed), qlora=args.qlora, loftq=args.loftq, dora=args.dora, rslora=args.rslora,
         modules_to_save=args.modules_to_save.split(",") if args.modules_to_save else None,
         gradient_checkpointing=args.gradient_checkpointing,
         precision=args.precision, optim=args.optim, save_steps=pick(args.save_steps, t.save_steps),
@@ -269,6 +269,8 @@ def _train_parser(sub) -> None:
     t.add_argument("--seed", type=int)
     t.add_argument("--save-steps", type=int, help="checkpoint every N steps")
     t.add_argument("--qlora", action="store_true", help="train on a bitsandbytes nf4 base")
+    t.add_argument("--loftq", action="store_true", help="with --qlora: start LoRA as the best rank-r fix of nf4's "
+                   "error (the adapter then belongs to the nf4 base)")
     t.add_argument("--dora", action="store_true", help="DoRA: LoRA with a learned magnitude per output row")
     t.add_argument("--rslora", action="store_true", help="rank-stabilised scaling: alpha / sqrt(rank)")
     t.add_argument("--modules-to-save", help="comma-separated modules trained in full beside the LoRA (lm_head, "

@@ -56,6 +56,7 @@ class TrainBody(_Body):
     save_steps: int | None = Field(None, ge=1, le=10_000_000)
     long_examples: Literal["error", "skip", "truncate"] = "error"
     qlora: bool = False
+    loftq: bool = False
     dora: bool = False
     rslora: bool = False
     gradient_checkpointing: bool = False
@@ -122,7 +123,7 @@ def _train_argv(state: AppState, body: TrainBody, data: Path) -> list[str]:
         argv += ["--modules-to-save", ",".join(body.modules_to_save)]
     if body.promote_if:
         argv += ["--promote-if", body.promote_if]
-    for flag, on in (("--qlora", body.qlora), ("--dora", body.dora), ("--rslora", body.rslora),
+    for flag, on in (("--qlora", body.qlora), ("--loftq", body.loftq), ("--dora", body.dora), ("--rslora", body.rslora),
                      ("--gradient-checkpointing", body.gradient_checkpointing),
                      ("--resume", body.resume), ("--replace", body.replace)):
         if on:

@@ -36,7 +36,7 @@ from ..atomic import publish, staging_path
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import load_model
-from . import defaults, gate
+from . import defaults, gate, loftq
 from .data import Dataset, Example, load_dataset
 from .plot import PLOT_FILE, plot_losses
 from .progress import LossBar, ProgressReporter, StopAtSafePoint
@@ -69,6 +69,7 @@ class TrainOptions:
     eval_fraction: float = 0.1
     seed: int = 0
     qlora: bool = False
+    loftq: bool = False                        # QLoRA: LoRA starts as the best rank-r fix of nf4's error (loftq.py)
     dora: bool = False                         # PEFT's use_dora (served exactly: server/lora/slots.py)
     rslora: bool = False                       # PEFT's use_rslora
     modules_to_save: list[str] | None = None   # trained in full (served per row: server/lora/swap.py)
@@ -258,9 +259,8 @@ def _held_out_exact_match(model: Any, tokenizer: Any, data: Dataset, eos: list[i
 
 def _promotion(g: gate.Gate, card: dict, measured: dict) -> dict:
     adapter = {"eval_loss": card["eval_loss"], "exact_match": measured.get("exact_match")}
-    # LoRA starts as the identity (B = 0; DoRA's magnitude is the weight's norm; saved modules are
-    # copies), so the eval loss before the first step is the base's on the same split.
-    base = {"eval_loss": card["eval_loss_before"], "exact_match": measured.get("base_exact_match")}
+    # The base's eval loss on the same split: measured with the adapter off (eval_loss_base).
+    base = {"eval_loss": card["eval_loss_base"], "exact_match": measured.get("base_exact_match")}
     return gate.check(g, adapter, base)
 
 
@@ -283,6 +283,8 @@ def train(opts: TrainOptions, model_cfg: ModelConfig, *, store: Path, cache_dir:
     target = store / opts.name
     if target.exists() and not opts.replace:
         raise TrainingError(f"{target} already exists; choose another --name or pass --replace")
+    if opts.loftq and not opts.qlora:
+        raise ConfigError("--loftq starts LoRA from the nf4 base's quantization error; it needs --qlora")
     g = gate.parse(opts.promote_if) if opts.promote_if else None  # a bad gate fails before any work
     if g is not None and opts.eval_fraction <= 0:
         raise ConfigError(f"--promote-if {opts.promote_if!r} needs a held-out split; eval_fraction is 0")
@@ -293,6 +295,11 @@ def train(opts: TrainOptions, model_cfg: ModelConfig, *, store: Path, cache_dir:
                                  eval_fraction=opts.eval_fraction, seed=opts.seed, long_examples=opts.long_examples)
     report({"event": "data", **data.summary()})
     model = _peft_model(loaded.model, opts)
+    if opts.loftq:
+        from ..model import resolve_source
+
+        folder, _ = resolve_source(model_cfg, cache_dir)
+        report({"event": "loftq", "layers": loftq.init_from_residual(model, loftq.full_weights(folder))})
     trainable, total = model.get_nb_trainable_parameters()
     report({"event": "parameters", "trainable": trainable, "total": total,
             "percent": round(100.0 * trainable / total, 4)})
@@ -325,8 +332,12 @@ def train(opts: TrainOptions, model_cfg: ModelConfig, *, store: Path, cache_dir:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossBar)
     eval_before = trainer.evaluate()["eval_loss"] if data.eval else None
+    eval_base = eval_before
+    if eval_before is not None and opts.loftq:   # LoftQ's LoRA is not the identity: the base, adapter off
+        with model.disable_adapter():
+            eval_base = trainer.evaluate()["eval_loss"]
     if eval_before is not None:
-        report({"event": "eval_before", "eval_loss": eval_before})
+        report({"event": "eval_before", "eval_loss": eval_before, "eval_loss_base": eval_base})
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if stopper.stopped:
         raise TrainingError(f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint "
@@ -340,6 +351,8 @@ def train(opts: TrainOptions, model_cfg: ModelConfig, *, store: Path, cache_dir:
     card = {
         "name": opts.name, "base_model": loaded.model_id, "base_source": str(model_cfg.model),
         "method": "qlora" if opts.qlora else "lora", "precision": precision, "device": str(loaded.device),
+        # The base this adapter was trained against; a LoftQ adapter is right only on that one.
+        "base_quantization": "nf4" if opts.qlora else "none", "loftq": opts.loftq,
         "data": {"file": str(opts.data), **data.summary()}, "hyperparameters": opts.hyperparameters(),
         "parameters": {"trainable": trainable, "total": total},
         "target_modules": _targets(model),
@@ -347,7 +360,8 @@ def train(opts: TrainOptions, model_cfg: ModelConfig, *, store: Path, cache_dir:
         "history": _history(trainer.state.log_history),
         "steps": trainer.state.global_step, "resumed_from": str(ckpt.name) if ckpt else None,
         "train_loss": train_loss, "train_loss_mean": float(result.training_loss),
-        "eval_loss_before": eval_before, "eval_loss": eval_after, **({"held_out": measured} if measured else {}),
+        "eval_loss_before": eval_before, "eval_loss_base": eval_base, "eval_loss": eval_after,
+        **({"held_out": measured} if measured else {}),
         "train_seconds": round(time.time() - started, 1),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }

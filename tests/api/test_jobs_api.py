@@ -201,14 +201,17 @@ def test_unknown_jobs_and_auth(jobs_client):
 
 
 def test_the_variant_flags_reach_the_trainers_command_line(jobs_client):
-    """POST /admin/train's dora / rslora / modules_to_save become the CLI flags the job runs."""
+    """POST /admin/train's variant, QLoRA and gate fields become the CLI flags the job runs."""
     from server.api.jobs import TrainBody, _train_argv
     from server.cli import build_parser
 
     client = jobs_client()
     state = client.app.state.loraplex
-    body = TrainBody(**{**TRAIN, "dora": True, "rslora": True, "modules_to_save": ["lm_head", "norm"]})
+    body = TrainBody(**{**TRAIN, "dora": True, "rslora": True, "modules_to_save": ["lm_head", "norm"], "qlora": True,
+                        "loftq": True, "promote_if": "eval_loss<0.8*base"})
     args = build_parser().parse_args(_train_argv(state, body, state.config.path("d.jsonl")))
     assert args.dora and args.rslora and args.modules_to_save == "lm_head,norm"
+    assert args.qlora and args.loftq and args.promote_if == "eval_loss<0.8*base"
     plain = build_parser().parse_args(_train_argv(state, TrainBody(**TRAIN), state.config.path("d.jsonl")))
     assert not plain.dora and not plain.rslora and plain.modules_to_save is None
+    assert not plain.loftq and plain.promote_if is None

@@ -96,8 +96,23 @@ def test_resume_continues_from_the_newest_complete_checkpoint(tiny_model_dir, tm
 
 def test_qlora_trains_on_cpu(tiny_model_dir, tmp_path, data_file):
     card = run(tiny_model_dir, tmp_path, opts(data_file, "q", qlora=True, epochs=3))
-    assert card["method"] == "qlora"
+    assert card["method"] == "qlora" and card["base_quantization"] == "nf4" and card["loftq"] is False
     assert card["eval_loss"] < card["eval_loss_before"], card
+    assert card["eval_loss_base"] == card["eval_loss_before"]   # plain LoRA starts as the identity
+
+
+def test_loftq_starts_qlora_closer_to_the_full_precision_base(tiny_model_dir, tmp_path, data_file):
+    full = run(tiny_model_dir, tmp_path, opts(data_file, "f", max_steps=1))
+    plain = run(tiny_model_dir, tmp_path, opts(data_file, "q", qlora=True, max_steps=1))
+    events = []
+    lq = run(tiny_model_dir, tmp_path, opts(data_file, "l", qlora=True, loftq=True, max_steps=1), report=events.append)
+    assert [e["layers"] for e in events if e["event"] == "loftq"] == [14]   # 7 projections x 2 layers
+    assert lq["loftq"] is True and lq["eval_loss_base"] == pytest.approx(plain["eval_loss_before"], rel=1e-5)
+    # Before any step: the nf4 base plus its rank-4 fix is nearer the full-precision base than nf4 alone.
+    assert abs(lq["eval_loss_before"] - full["eval_loss_before"]) < abs(plain["eval_loss_before"] -
+                                                                        full["eval_loss_before"])
+    with pytest.raises(ConfigError, match="needs --qlora"):
+        run(tiny_model_dir, tmp_path, opts(data_file, "x", loftq=True))
     cfg = json.loads((tmp_path / "q" / "adapter_config.json").read_text())
     assert cfg["r"] == 4
 
