@@ -46,6 +46,10 @@ def _candidates(cfg, args: argparse.Namespace, adapter_folder: Callable[[Any, st
         out.append(Candidate(folder.name, "export", folder))
     if not out:
         raise DataError("nothing to evaluate: name adapters, blends or exports, or keep the base")
+    names = [c.name for c in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # one name, one column: two folders of one name would be scored as one
+        raise DataError(f"two columns would be named {twice}; name blends differently, or rename a folder")
     return out
 
 

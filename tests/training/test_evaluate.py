@@ -140,3 +140,5 @@ def test_unsafe_adapters_and_bad_specs_are_refused_before_loading(tiny_model_dir
     assert cli.main(["eval", str(data), "--base", str(tiny_model_dir), "--adapters-dir", str(adapters),
                      "--blend", "mix=a"]) == 1
     assert cli.main(["eval", "--base", str(tiny_model_dir), "--adapters-dir", str(adapters)]) == 1
+    assert cli.main(["eval", str(data), "--base", str(tiny_model_dir), "--adapters-dir", str(adapters),
+                     "--adapters", "a", "--blend", "a=a:0.5,b:0.5@cat"]) == 1     # two columns named a
