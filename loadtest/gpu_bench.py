@@ -29,14 +29,10 @@ import time
 from pathlib import Path
 
 from loadtest import shapes
+from loadtest.run import pct
 
 MODES = ("base", "one", "mixed8", "distinct", "one-r64")
 PROMPT = 32
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 def adapter_of(mode: str, i: int) -> str | None:
@@ -84,8 +80,8 @@ async def run_mode(eng, mode: str, streams: int, tokens: int, steps: list) -> di
     wall = time.perf_counter() - t0
     full = [s for n, s in list(steps) if n == streams]
     return {"tokens": sum(counts), "seconds": wall, "tok_s": sum(counts) / wall,
-            "ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p95_ms": 1e3 * pct(ttft, 0.95),
-            "itl_p50_ms": 1e3 * pct(itl, 0.5), "itl_p99_ms": 1e3 * pct(itl, 0.99),
+            "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p95_ms": 1e3 * pct(ttft, 95),
+            "itl_p50_ms": 1e3 * pct(itl, 50), "itl_p99_ms": 1e3 * pct(itl, 99),
             "step_ms": 1e3 * statistics.median(full) if full else float("nan"), "full_steps": len(full)}
 
 

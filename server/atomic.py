@@ -40,7 +40,8 @@ def publish(staging: Path, target: Path, *, replace: bool, aside_dir: Path | Non
 
 
 def write_file(target: Path, data: bytes) -> None:
-    """Write one file whole: a staging file beside it, fsync'd, then renamed over it."""
+    """Write one file whole: a staging file beside it, fsync'd, renamed over it, then the folder
+    fsync'd, so that a crash leaves the old file or the new one, never half of one."""
     target = Path(target)
     tmp = staging_path(target.parent, target.name)
     try:
@@ -52,3 +53,8 @@ def write_file(target: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import staging_path
+from .atomic import staging_path, write_file
 
 log = logging.getLogger("loraplex.state")
 
@@ -67,8 +67,11 @@ class StateFile:
     def clean_staging(self) -> None:
         for parent in (self.home, self.store):
             if parent.is_dir():
-                for p in parent.glob(".staging-*"):
-                    shutil.rmtree(p, ignore_errors=True)
+                for p in parent.glob(".staging-*"):   # folders, and files (the state file's)
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
 
     def read(self) -> State | None:
         """The saved state; None when there is none or it was corrupt (then set aside)."""
@@ -104,19 +107,9 @@ class StateFile:
         self.home.mkdir(parents=True, exist_ok=True)
         data = {"version": VERSION, "adapters": [vars(r) for r in state.records],  # flat: no deep copy
                 "removed": sorted(set(state.removed)), "aliases": state.aliases, "held": [vars(r) for r in state.held]}
-        tmp = self.path.with_name(f".state.json.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            # One line, no indent: json then runs its C encoder (indent falls back to Python, 4x slower),
-            # and the thread holds the GIL, which the loop waits for, for less time.
-            f.write(json.dumps(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.home, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # One line, no indent: json then runs its C encoder (indent falls back to Python, 4x slower),
+        # and the thread holds the GIL, which the loop waits for, for less time.
+        write_file(self.path, json.dumps(data).encode())
 
     def rel(self, folder: Path) -> str:
         folder = Path(folder).resolve()

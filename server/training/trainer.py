@@ -55,12 +55,12 @@ class TrainingError(RuntimeError):
 class TrainOptions:
     data: Path
     name: str
-    rank: int = 16
-    alpha: int = 32
+    rank: int = defaults.RANK
+    alpha: int = defaults.ALPHA
     dropout: float = 0.05
     target_modules: list[str] | None = None   # None: the family's (defaults.py); ["all-linear"]: every Linear
-    learning_rate: float = 2e-4
-    warmup_ratio: float = 0.03
+    learning_rate: float = defaults.LEARNING_RATE
+    warmup_ratio: float = defaults.WARMUP_RATIO
     epochs: float = 3.0
     max_steps: int = -1                        # > 0 overrides epochs
     batch_size: int = defaults.BATCH_SIZE
