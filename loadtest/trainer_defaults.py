@@ -10,7 +10,9 @@ run) and prints the held-out eval loss before and after each run, its drop, step
   old   the defaults before the trainer issue: PEFT's preset targets (q_proj, v_proj), batch 8
   new   today's defaults (the family's seven projections, r 16, alpha 32, batch 4)
   qlora today's defaults on an nf4 base (bitsandbytes), compute in the CPU's bf16 or fp32
-  loftq qlora with --loftq: LoRA starts as the best rank-r fix of nf4's error (training/loftq.py)
+  loftq qlora with --loftq: LoRA starts as the fix of nf4's error that best restores each layer's
+        outputs on 128 training records (training/loftq.py, calibrated)
+  loftq-plain  the same with --loftq-examples 0: the plain SVD fix of the weight error
 With `--data FILE` (repeatable) the runs are made on those files instead (the sample datasets),
 `--rank`/`--alpha` overriding the default rank. Quality, not speed: one run each, the same data,
 split and steps for new and qlora.
@@ -64,7 +66,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     files = [Path(d) for d in args.data] if args.data else [write_data(work / "fixed-format.jsonl", args.examples)]
     runs = {"old": dict(batch_size=8, target_modules=["q_proj", "v_proj"]),  # PEFT's preset for a Llama
-            "new": {}, "qlora": dict(qlora=True), "loftq": dict(qlora=True, loftq=True)}
+            "new": {}, "qlora": dict(qlora=True), "loftq": dict(qlora=True, loftq=True),
+            "loftq-plain": dict(qlora=True, loftq=True, loftq_examples=0)}
     sizes = {k: v for k, v in (("rank", args.rank), ("alpha", args.alpha)) if v is not None}
     for data in files:
         by = {}
@@ -80,7 +83,7 @@ def main() -> None:
                   f"{opts.batch_size}: eval loss {card['eval_loss_before']:.4f} -> {card['eval_loss']:.4f} "
                   f"({100 * drop:.1f} % drop), {card['steps']} steps, {secs:.0f} s, "
                   f"warnings {len(card['warnings'])}", flush=True)
-        for q in ("qlora", "loftq"):
+        for q in ("qlora", "loftq", "loftq-plain"):
             if "new" in by and q in by:
                 gap = by[q]["eval_loss"] / by["new"]["eval_loss"] - 1
                 print(f"{data.name} {q} vs lora eval loss: {by[q]['eval_loss']:.4f} vs "

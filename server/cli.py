@@ -130,7 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup_ratio=args.warmup_ratio, epochs=pick(args.epochs, t.epochs), max_steps=args.max_steps,
         batch_size=pick(args.batch_size, t.batch_size), grad_accum=pick(args.grad_accum, t.grad_accum),
         max_seq_len=pick(args.max_seq_len, t.max_seq_len), eval_fraction=pick(args.eval_fraction, t.eval_fraction),
-        seed=pick(args.seed, t.seed), qlora=args.qlora, loftq=args.loftq, dora=args.dora, rslora=args.rslora,
+        seed=pick(args.seed, t.seed), qlora=args.qlora, loftq=args.loftq, loftq_examples=args.loftq_examples,
+        dora=args.dora, rslora=args.rslora,
         modules_to_save=args.modules_to_save.split(",") if args.modules_to_save else None,
         gradient_checkpointing=args.gradient_checkpointing,
         precision=args.precision, optim=args.optim, save_steps=pick(args.save_steps, t.save_steps),
@@ -248,6 +249,8 @@ def _offline_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train_parser(sub) -> None:
+    from .training import defaults
+
     t = sub.add_parser("train", help="train a LoRA/QLoRA adapter into the store")
     t.add_argument("data", help="JSONL: {messages} | {prompt, completion} | {text} per line")
     t.add_argument("--name", required=True, help="the adapter's name (its folder in the store)")
@@ -260,7 +263,7 @@ def _train_parser(sub) -> None:
     t.add_argument("--epochs", type=float)
     t.add_argument("--max-steps", type=int, default=-1, help="> 0: stop after this many steps (overrides --epochs)")
     t.add_argument("--lr", type=float, help="peak learning rate")
-    t.add_argument("--warmup-ratio", type=float, default=0.03)
+    t.add_argument("--warmup-ratio", type=float, default=defaults.WARMUP_RATIO)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
     t.add_argument("--max-seq-len", type=int)
@@ -271,6 +274,9 @@ def _train_parser(sub) -> None:
     t.add_argument("--qlora", action="store_true", help="train on a bitsandbytes nf4 base")
     t.add_argument("--loftq", action="store_true", help="with --qlora: start LoRA as the best rank-r fix of nf4's "
                    "error (the adapter then belongs to the nf4 base)")
+    t.add_argument("--loftq-examples", type=int, default=defaults.LOFTQ_EXAMPLES, metavar="N",
+                   help="with --loftq: the fix that best restores each layer's outputs on N training records "
+                   "(0: the plain SVD fix of the weights)")
     t.add_argument("--dora", action="store_true", help="DoRA: LoRA with a learned magnitude per output row")
     t.add_argument("--rslora", action="store_true", help="rank-stabilised scaling: alpha / sqrt(rank)")
     t.add_argument("--modules-to-save", help="comma-separated modules trained in full beside the LoRA (lm_head, "

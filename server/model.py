@@ -71,6 +71,15 @@ def choose_device(spec: str) -> tuple[torch.device, str]:
     return torch.device(spec), "set in the configuration"
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether torch's bf16 matmuls on this CPU run on oneDNN (AVX-512, avx512_bf16, AMX).
+
+    Without it (an AVX2-only EPYC, measured) a bf16 product of the default model's shapes ran at
+    about 2 GFLOP/s against 150 in float32: bf16 would then be a 10-100x slowdown, not a saving.
+    """
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def choose_dtype(spec: str, device: torch.device, quantization: str) -> tuple[torch.dtype, str]:
     if spec != "auto":
         dtype = _DTYPES[spec]
@@ -82,7 +91,10 @@ def choose_dtype(spec: str, device: torch.device, quantization: str) -> tuple[to
             return torch.bfloat16, "CUDA device supports bfloat16 (range of fp32, half the memory)"
         return torch.float16, "CUDA device without bfloat16 support"
     if quantization != "none":
-        return torch.bfloat16, "bitsandbytes computes in bfloat16 on CPU"
+        if cpu_has_fast_bf16():
+            return torch.bfloat16, "bitsandbytes computes in bfloat16 on CPU (oneDNN's AVX-512 kernels)"
+        return torch.float32, ("this CPU has no fast bfloat16 matmul (AVX2 only: torch falls back to a kernel "
+                               "measured 100x slower than float32), so bitsandbytes computes in float32")
     return torch.float32, ("CPU: float32 is exact; bfloat16 (--dtype bfloat16) decodes faster at large "
                            "batches on CPUs with AMX but its prefill measured slower here (loadtest/RESULTS.md)")
 

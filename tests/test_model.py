@@ -10,14 +10,21 @@ from server.config import ModelConfig, load_config
 from server.engine.loop import TorchEngine
 from server.engine.types import GenerationRequest, SamplingParams
 from server.errors import ConfigError, InvalidAdapter
-from server.model import choose_device, choose_dtype, load_model, resolve_source
+from server.model import choose_device, choose_dtype, cpu_has_fast_bf16, load_model, resolve_source
 
 
-def test_dtype_choice_has_a_reason():
+def test_dtype_choice_has_a_reason(monkeypatch):
     cpu = torch.device("cpu")
     dtype, why = choose_dtype("auto", cpu, "none")
     assert dtype in (torch.float32, torch.bfloat16) and why
+    # bitsandbytes computes in bf16 where the CPU multiplies bf16 fast (oneDNN), else in fp32
+    assert isinstance(cpu_has_fast_bf16(), bool)
+    monkeypatch.setattr("server.model.cpu_has_fast_bf16", lambda: True)
     assert choose_dtype("auto", cpu, "nf4")[0] == torch.bfloat16
+    monkeypatch.setattr("server.model.cpu_has_fast_bf16", lambda: False)
+    dtype, why = choose_dtype("auto", cpu, "nf4")
+    assert dtype == torch.float32 and "bfloat16" in why
+    assert choose_dtype("bfloat16", cpu, "nf4")[0] == torch.bfloat16   # what the configuration says wins
     assert choose_dtype("float16", cpu, "none") == (torch.float16, "set in the configuration")
     assert choose_device("auto")[0].type == ("cuda" if torch.cuda.is_available() else "cpu")
 

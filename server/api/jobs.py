@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import Conflict, InvalidRequest, NotFound, NotReady
 from ..jobs import Job, JobManager
 from ..registry import check_name
+from ..training import defaults
 from .admin import entry_json
 from .deps import AppState, require_admin
 
@@ -47,7 +48,7 @@ class TrainBody(_Body):
     epochs: float | None = Field(None, gt=0.0, le=1000.0)
     max_steps: int | None = Field(None, ge=1, le=10_000_000)
     learning_rate: float | None = Field(None, gt=0.0, le=1.0)
-    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    warmup_ratio: float = Field(defaults.WARMUP_RATIO, ge=0.0, lt=1.0)
     batch_size: int | None = Field(None, ge=1, le=4096)
     grad_accum: int | None = Field(None, ge=1, le=4096)
     max_seq_len: int | None = Field(None, ge=8, le=1_048_576)
@@ -57,6 +58,7 @@ class TrainBody(_Body):
     long_examples: Literal["error", "skip", "truncate"] = "error"
     qlora: bool = False
     loftq: bool = False
+    loftq_examples: int | None = Field(None, ge=0, le=1_000_000, description="with loftq: records that calibrate it")
     dora: bool = False
     rslora: bool = False
     gradient_checkpointing: bool = False
@@ -113,7 +115,8 @@ def _train_argv(state: AppState, body: TrainBody, data: Path) -> list[str]:
     values = {"--rank": body.rank, "--alpha": body.alpha, "--dropout": body.dropout, "--epochs": body.epochs,
               "--max-steps": body.max_steps, "--lr": body.learning_rate, "--batch-size": body.batch_size,
               "--grad-accum": body.grad_accum, "--max-seq-len": body.max_seq_len,
-              "--eval-fraction": body.eval_fraction, "--seed": body.seed, "--save-steps": body.save_steps}
+              "--eval-fraction": body.eval_fraction, "--seed": body.seed, "--save-steps": body.save_steps,
+              "--loftq-examples": body.loftq_examples}
     for flag, value in values.items():
         if value is not None:
             argv += [flag, repr(value)]

@@ -33,6 +33,8 @@ PRESETS = ("default", "attention", "mlp", "all-linear")
 
 RANK, ALPHA, LEARNING_RATE, WARMUP_RATIO, BATCH_SIZE = 16, 32, 2e-4, 0.03, 4
 MIN_STEPS = 50
+# --loftq: how many training records calibrate the initial fix of nf4's error (loftq.py); 0: uncalibrated.
+LOFTQ_EXAMPLES = 128
 
 
 def family_of(model_type: str) -> str:

@@ -70,6 +70,7 @@ class TrainOptions:
     seed: int = 0
     qlora: bool = False
     loftq: bool = False                        # QLoRA: LoRA starts as the best rank-r fix of nf4's error (loftq.py)
+    loftq_examples: int = defaults.LOFTQ_EXAMPLES  # training records that calibrate that fix; 0: the plain SVD fix
     dora: bool = False                         # PEFT's use_dora (served exactly: server/lora/slots.py)
     rslora: bool = False                       # PEFT's use_rslora
     modules_to_save: list[str] | None = None   # trained in full (served per row: server/lora/swap.py)
@@ -299,7 +300,10 @@ def train(opts: TrainOptions, model_cfg: ModelConfig, *, store: Path, cache_dir:
         from ..model import resolve_source
 
         folder, _ = resolve_source(model_cfg, cache_dir)
-        report({"event": "loftq", "layers": loftq.init_from_residual(model, loftq.full_weights(folder))})
+        calibration = [e.input_ids for e in data.train[:max(opts.loftq_examples, 0)]]
+        grams = loftq.input_grams(model, calibration) if calibration else None
+        report({"event": "loftq", "calibration_examples": len(calibration),
+                "layers": loftq.init_from_residual(model, loftq.full_weights(folder), grams=grams)})
     trainable, total = model.get_nb_trainable_parameters()
     report({"event": "parameters", "trainable": trainable, "total": total,
             "percent": round(100.0 * trainable / total, 4)})

@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from server.training import defaults
+
 # Child processes, a Ray cluster or a real model: in `make test`, not in `make test-fast`.
 pytestmark = pytest.mark.slow
 
@@ -208,10 +210,11 @@ def test_the_variant_flags_reach_the_trainers_command_line(jobs_client):
     client = jobs_client()
     state = client.app.state.loraplex
     body = TrainBody(**{**TRAIN, "dora": True, "rslora": True, "modules_to_save": ["lm_head", "norm"], "qlora": True,
-                        "loftq": True, "promote_if": "eval_loss<0.8*base"})
+                        "loftq": True, "loftq_examples": 0, "promote_if": "eval_loss<0.8*base"})
     args = build_parser().parse_args(_train_argv(state, body, state.config.path("d.jsonl")))
     assert args.dora and args.rslora and args.modules_to_save == "lm_head,norm"
-    assert args.qlora and args.loftq and args.promote_if == "eval_loss<0.8*base"
+    assert args.qlora and args.loftq and args.loftq_examples == 0 and args.promote_if == "eval_loss<0.8*base"
     plain = build_parser().parse_args(_train_argv(state, TrainBody(**TRAIN), state.config.path("d.jsonl")))
     assert not plain.dora and not plain.rslora and plain.modules_to_save is None
     assert not plain.loftq and plain.promote_if is None
+    assert plain.loftq_examples == defaults.LOFTQ_EXAMPLES and plain.warmup_ratio == defaults.WARMUP_RATIO

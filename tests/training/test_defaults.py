@@ -99,17 +99,3 @@ def test_gates(text, adapter, base, passed):
 def test_gates_that_do_not_parse(text):
     with pytest.raises(gate.GateError, match="cannot read the gate"):
         gate.parse(text)
-
-
-def test_the_loftq_fix_is_the_best_low_rank_approximation():
-    import torch
-
-    from server.training.loftq import low_rank_fix
-
-    torch.manual_seed(0)
-    residual = torch.randn(48, 32)
-    b, a = low_rank_fix(residual, rank=4, scaling=2.0)
-    assert b.shape == (48, 4) and a.shape == (4, 32)
-    s = torch.linalg.svdvals(residual)
-    # Eckart-Young: no rank-4 matrix is closer, and this one is exactly that close.
-    assert torch.linalg.norm(residual - 2.0 * b @ a) == pytest.approx(float(s[4:].square().sum().sqrt()), rel=1e-4)

@@ -106,11 +106,17 @@ def test_loftq_starts_qlora_closer_to_the_full_precision_base(tiny_model_dir, tm
     plain = run(tiny_model_dir, tmp_path, opts(data_file, "q", qlora=True, max_steps=1))
     events = []
     lq = run(tiny_model_dir, tmp_path, opts(data_file, "l", qlora=True, loftq=True, max_steps=1), report=events.append)
-    assert [e["layers"] for e in events if e["event"] == "loftq"] == [14]   # 7 projections x 2 layers
+    # 7 projections x 2 layers, calibrated on every training record (36 < the 128 asked for)
+    assert [(e["layers"], e["calibration_examples"]) for e in events if e["event"] == "loftq"] == [(14, 36)]
     assert lq["loftq"] is True and lq["eval_loss_base"] == pytest.approx(plain["eval_loss_before"], rel=1e-5)
-    # Before any step: the nf4 base plus its rank-4 fix is nearer the full-precision base than nf4 alone.
-    assert abs(lq["eval_loss_before"] - full["eval_loss_before"]) < abs(plain["eval_loss_before"] -
-                                                                        full["eval_loss_before"])
+    assert lq["hyperparameters"]["loftq_examples"] == 128
+    svd = run(tiny_model_dir, tmp_path, opts(data_file, "s", qlora=True, loftq=True, loftq_examples=0, max_steps=1))
+    # Before any step, on the held-out records: the nf4 base plus either rank-4 fix is nearer the
+    # full-precision base than nf4 alone. (Which fix is nearer is a layer's question, and the
+    # calibrated one's answer is checked in test_loftq.py; on a random tiny model the loss cannot tell.)
+    gap = {k: abs(c["eval_loss_before"] - full["eval_loss_before"]) for k, c in
+           (("nf4", plain), ("svd", svd), ("calibrated", lq))}
+    assert max(gap["calibrated"], gap["svd"]) < gap["nf4"], gap
     with pytest.raises(ConfigError, match="needs --qlora"):
         run(tiny_model_dir, tmp_path, opts(data_file, "x", loftq=True))
     cfg = json.loads((tmp_path / "q" / "adapter_config.json").read_text())
