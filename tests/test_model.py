@@ -82,6 +82,25 @@ def test_quantized_base_serves_with_adapters(tiny_model_dir, tiny_store, tmp_pat
         assert len(base) == len(tuned) == 8 and base != tuned
 
 
+def test_a_loftq_adapter_on_a_base_it_was_not_made_for_is_served_with_a_warning(tiny_model_dir, tiny_store, tmp_path,
+                                                                              caplog):
+    import json
+    import shutil
+
+    folder = tmp_path / "lq"
+    shutil.copytree(tiny_store / "alpha", folder)
+    (folder / "training.json").write_text(json.dumps({"loftq": True, "base_quantization": "nf4"}))
+    with running_engine(tiny_model_dir, tmp_path, **{"model.dtype": "float32"}) as engine, \
+            caplog.at_level("WARNING", logger="loraplex.engine"):
+        info = asyncio.run(engine.load_adapter("lq", folder))
+        assert info.base_quantization == "nf4"
+        assert any("lq" in r.message and "nf4" in r.message for r in caplog.records)
+        caplog.clear()
+        asyncio.run(engine.load_adapter("alpha", tiny_store / "alpha"))   # no card: nothing to say
+        assert not caplog.records
+        assert generate(engine, "lq") == generate(engine, "alpha")   # served as PEFT computes it all the same
+
+
 def test_adapter_for_another_base_is_refused_without_trace(tiny_model_dir, tiny_store, tmp_path):
     from transformers import LlamaConfig
 

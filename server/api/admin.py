@@ -64,6 +64,7 @@ def entry_json(e: Entry) -> dict[str, Any]:
         "name": e.name, "kind": e.kind, "path": str(e.path) if e.path else None, "rank": e.info.rank,
         "alpha": e.info.alpha, "target_modules": list(e.info.target_modules), "size_bytes": e.info.size_bytes,
         "sha256": e.info.sha256, "version": e.version, "variants": list(e.info.variants), "pinned": e.pinned,
+        "base_quantization": e.info.base_quantization,
         "loaded": e.loaded,
         "loaded_at": e.loaded_at,
         "last_used_at": e.last_used_at, "requests_total": e.requests_total, "inflight": e.inflight,

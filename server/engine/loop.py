@@ -225,6 +225,11 @@ class TorchEngine:
             self._host_keys[name] = key
             return prepared
         info: AdapterInfo = (await self._off_thread(load)).files.info
+        serving = runner.loaded.quantization
+        if info.base_quantization is not None and info.base_quantization != serving:
+            log.warning("adapter %s was made (LoftQ) to correct a %s base's quantization error; this base is %s, "
+                        "so it adds that correction to weights that never had the error", name,
+                        info.base_quantization, serving)
         return info
 
     async def create_blend(self, name: str, spec: BlendSpec, folder: Path) -> AdapterInfo:

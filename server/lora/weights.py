@@ -5,7 +5,9 @@ never a pickle, so never `.bin`, `.pt`, `.pth`, `.pkl`, `.ckpt`), reading its
 `adapter_config.json` with limits and through the allow-list (`config_check.py`)
 into a `LoraConfig`, floating-point weights only, and its identity (sha256 over
 config and weights, size on disk). Values are checked finite as stored here and
-again in `slots.prepare`, in the dtype they are served in.
+again in `slots.prepare`, in the dtype they are served in. It also reads, advisorily, the base a
+LoftQ adapter was made for from loraplex's training card (`trained_for`): such an adapter
+corrects nf4's error and is wrong on any other base.
 
 It does not know the base model; matching target modules and shapes against
 the base is the runner's job when it attaches the adapter.
@@ -24,6 +26,7 @@ from .config_check import MAX_CONFIG_BYTES, check_raw_config
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+CARD_FILE = "training.json"   # loraplex's training card (server/training/trainer.py writes it)
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 
@@ -40,6 +43,26 @@ class AdapterInfo:
     # Variants PEFT cannot blend exactly (DoRA's magnitudes, LoRA biases): such an adapter is
     # served alone, never a source of a blend or of a per-request mix.
     variants: tuple[str, ...] = ()
+    # The quantization of the only base it is right on ("nf4" for a LoftQ adapter), else None.
+    base_quantization: str | None = None
+
+
+def trained_for(folder: Path) -> str | None:
+    """The base quantization a LoftQ adapter was initialised against, from its training card.
+
+    Advisory: a card that is missing, large or unreadable says nothing (None), and nothing is refused
+    for it; what the adapter computes is PEFT's either way. The engine warns on a mismatch.
+    """
+    path = Path(folder) / CARD_FILE
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            return None
+        card = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if isinstance(card, dict) and card.get("loftq") is True and isinstance(card.get("base_quantization"), str):
+        return str(card["base_quantization"])
+    return None
 
 
 def variants_of(config: Any, tensor_names: Any = ()) -> tuple[str, ...]:
@@ -105,7 +128,7 @@ def describe_adapter(folder: Path) -> AdapterInfo:
         target_tuple = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
         return AdapterInfo(folder.resolve(), int(raw["r"]), float(raw.get("lora_alpha", raw["r"])), target_tuple,
                            _hash_files([cfg_path, w_path]), cfg_path.stat().st_size + w_path.stat().st_size,
-                           variants_of(raw, _tensor_names(w_path)))
+                           variants_of(raw, _tensor_names(w_path)), trained_for(folder))
     except (OSError, ValueError, KeyError, TypeError, OverflowError, AttributeError) as e:
         raise InvalidAdapter(f"{folder}: unreadable adapter ({type(e).__name__}: {e})", code="invalid_config") from None
 
@@ -167,5 +190,6 @@ def read_adapter(folder: Path, *, max_rank: int) -> AdapterFiles:
         sha256=_hash_files([cfg_path, w_path]),
         size_bytes=cfg_path.stat().st_size + w_path.stat().st_size,
         variants=variants_of(config, tensors),
+        base_quantization=trained_for(folder),
     )
     return AdapterFiles(info=info, config=config, tensors=tensors)

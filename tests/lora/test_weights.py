@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from server.errors import InvalidAdapter
-from server.lora.weights import read_adapter
+from server.lora.weights import describe_adapter, read_adapter
 
 
 @pytest.fixture
@@ -23,6 +23,20 @@ def test_reads_a_valid_adapter(adapter):
     assert files.info.target_modules == ("q_proj", "v_proj")
     assert len(files.info.sha256) == 64 and files.info.size_bytes > 0
     assert all(k.endswith(".weight") for k in files.tensors)
+
+
+@pytest.mark.parametrize("card,expected", [
+    ({"loftq": True, "base_quantization": "nf4"}, "nf4"),      # a LoftQ adapter: right on nf4 only
+    ({"loftq": False, "base_quantization": "nf4"}, None),      # plain QLoRA starts at zero: any base
+    ({"loftq": True, "base_quantization": 4}, None),
+    ("not a card", None),
+    (None, None),
+])
+def test_the_base_a_loftq_adapter_was_made_for_is_read_from_its_card(adapter, card, expected):
+    if card is not None:
+        (adapter / "training.json").write_text(json.dumps(card) if isinstance(card, dict) else card)
+    assert read_adapter(adapter, max_rank=64).info.base_quantization == expected
+    assert describe_adapter(adapter).base_quantization == expected
 
 
 def test_same_content_same_hash(adapter, tiny_store):
