@@ -272,8 +272,9 @@ def _train_parser(sub) -> None:
     t.add_argument("--seed", type=int)
     t.add_argument("--save-steps", type=int, help="checkpoint every N steps")
     t.add_argument("--qlora", action="store_true", help="train on a bitsandbytes nf4 base")
-    t.add_argument("--loftq", action="store_true", help="with --qlora: start LoRA as the best rank-r fix of nf4's "
-                   "error (the adapter then belongs to the nf4 base)")
+    t.add_argument("--loftq", action="store_true", help="with --qlora: start LoRA as the rank-r fix of nf4's error "
+                   "that best restores each layer's outputs (QLoRA then reaches LoRA's eval loss; the adapter "
+                   "belongs to the nf4 base: serve it with --quantization nf4)")
     t.add_argument("--loftq-examples", type=int, default=defaults.LOFTQ_EXAMPLES, metavar="N",
                    help="with --loftq: the fix that best restores each layer's outputs on N training records "
                    "(0: the plain SVD fix of the weights)")

@@ -94,7 +94,7 @@ def choose_dtype(spec: str, device: torch.device, quantization: str) -> tuple[to
         if cpu_has_fast_bf16():
             return torch.bfloat16, "bitsandbytes computes in bfloat16 on CPU (oneDNN's AVX-512 kernels)"
         return torch.float32, ("this CPU has no fast bfloat16 matmul (AVX2 only: torch falls back to a kernel "
-                               "measured 100x slower than float32), so bitsandbytes computes in float32")
+                               "measured 75x slower than float32), so bitsandbytes computes in float32")
     return torch.float32, ("CPU: float32 is exact; bfloat16 (--dtype bfloat16) decodes faster at large "
                            "batches on CPUs with AMX but its prefill measured slower here (loadtest/RESULTS.md)")
 

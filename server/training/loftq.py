@@ -15,6 +15,9 @@ Two notions of best, one code path (`low_rank_fix`):
   2025) does. With H = X^T X + damping = R R^T (R its symmetric square root) that is
   L = SVD_r(E R) R^-1. Activations are far from isotropic (a few channels carry most of the
   energy), so the rank-r budget goes where the inputs are; the plain fix spends it evenly.
+Measured on the default model's samples (README, loadtest/trainer_defaults.py): QLoRA alone ends
+17-20 % above LoRA's eval loss, the plain fix 8 % (json-answer), the calibrated one within 5 % or
+below LoRA on all three.
 Only one iteration is possible here: the resident base is Q(W), shared with every other adapter,
 so the quantized weights cannot be re-chosen around the adapter as iterated LoftQ does.
 
@@ -71,7 +74,7 @@ def low_rank_fix(residual: torch.Tensor, rank: int, scaling: float, gram: torch.
         root = s[:rank].sqrt()
         return ((u[:, :rank] * root) / scaling).float(), (root[:, None] * vh[:rank]).float()
     h = gram.double()
-    h = h + damping * h.diagonal().mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
+    h = h + damping * h.diagonal().mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     lam, q = torch.linalg.eigh(h)
     lam = lam.clamp_min(lam.max() * 1e-12)
     u, s, vh = torch.linalg.svd(e @ ((q * lam.sqrt()) @ q.T), full_matrices=False)
@@ -137,8 +140,8 @@ def init_from_residual(peft_model: Any, weights: Callable[[str], torch.Tensor], 
     for name, module in _quantized_layers(peft_model, adapter):
         base = module.base_layer
         key = name.removeprefix("base_model.model.") + ".weight"   # the name in the base's own files
-        full = weights(key).float()
         quantized = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        full = weights(key).to(quantized.device, torch.float32)   # read on CPU; the base may be on a GPU
         gram = grams.get(name) if grams is not None else None
         b, a = low_rank_fix(full - quantized, module.r[adapter], module.scaling[adapter], gram)
         module.lora_B[adapter].weight.copy_(b)
