@@ -286,6 +286,8 @@ def train(opts: TrainOptions, model_cfg: ModelConfig, *, store: Path, cache_dir:
         raise TrainingError(f"{target} already exists; choose another --name or pass --replace")
     if opts.loftq and not opts.qlora:
         raise ConfigError("--loftq starts LoRA from the nf4 base's quantization error; it needs --qlora")
+    if opts.loftq_examples < 0:
+        raise ConfigError(f"--loftq-examples {opts.loftq_examples}: a number of training records, 0 or more")
     g = gate.parse(opts.promote_if) if opts.promote_if else None  # a bad gate fails before any work
     if g is not None and opts.eval_fraction <= 0:
         raise ConfigError(f"--promote-if {opts.promote_if!r} needs a held-out split; eval_fraction is 0")
@@ -300,7 +302,7 @@ def train(opts: TrainOptions, model_cfg: ModelConfig, *, store: Path, cache_dir:
         from ..model import resolve_source
 
         folder, _ = resolve_source(model_cfg, cache_dir)
-        calibration = [e.input_ids for e in data.train[:max(opts.loftq_examples, 0)]]
+        calibration = [e.input_ids for e in data.train[:opts.loftq_examples]]
         grams = loftq.input_grams(model, calibration) if calibration else None
         report({"event": "loftq", "calibration_examples": len(calibration),
                 "layers": loftq.init_from_residual(model, loftq.full_weights(folder), grams=grams)})

@@ -119,6 +119,8 @@ def test_loftq_starts_qlora_closer_to_the_full_precision_base(tiny_model_dir, tm
     assert max(gap["calibrated"], gap["svd"]) < gap["nf4"], gap
     with pytest.raises(ConfigError, match="needs --qlora"):
         run(tiny_model_dir, tmp_path, opts(data_file, "x", loftq=True))
+    with pytest.raises(ConfigError, match="--loftq-examples -1"):
+        run(tiny_model_dir, tmp_path, opts(data_file, "x", qlora=True, loftq=True, loftq_examples=-1))
     cfg = json.loads((tmp_path / "q" / "adapter_config.json").read_text())
     assert cfg["r"] == 4
 
