@@ -16,8 +16,8 @@ Two notions of best, one code path (`low_rank_fix`):
   L = SVD_r(E R) R^-1. Activations are far from isotropic (a few channels carry most of the
   energy), so the rank-r budget goes where the inputs are; the plain fix spends it evenly.
 Measured on the default model's samples (README, loadtest/trainer_defaults.py): QLoRA alone ends
-17-20 % above LoRA's eval loss, the plain fix 8 % (json-answer), the calibrated one within 5 % or
-below LoRA on all three.
+17-20 % above LoRA's eval loss, after the plain fix 8-22 %, after the calibrated one within 5 % of
+LoRA or below it on all three.
 Only one iteration is possible here: the resident base is Q(W), shared with every other adapter,
 so the quantized weights cannot be re-chosen around the adapter as iterated LoftQ does.
 
@@ -116,12 +116,15 @@ def input_grams(peft_model: Any, inputs: Iterable[list[int]], adapter: str = "de
 
     handles = [m.base_layer.register_forward_hook(hook(n)) for n, m in _quantized_layers(peft_model, adapter)]
     device = next(peft_model.parameters()).device
+    training = peft_model.training
+    peft_model.eval()   # a base with dropout would otherwise measure noise
     try:
         with peft_model.disable_adapter():
             for ids in inputs:
                 seen.clear()
                 peft_model(input_ids=torch.tensor([ids], device=device))
     finally:
+        peft_model.train(training)
         for h in handles:
             h.remove()
     return grams
