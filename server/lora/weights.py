@@ -60,7 +60,8 @@ def trained_for(folder: Path) -> str | None:
         card = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
-    if isinstance(card, dict) and card.get("loftq") is True and isinstance(card.get("base_quantization"), str):
+    # Allow-listed: the card's value is shown to admins and compared, never used for anything else.
+    if isinstance(card, dict) and card.get("loftq") is True and card.get("base_quantization") in ("nf4", "fp4", "int8"):
         return str(card["base_quantization"])
     return None
 

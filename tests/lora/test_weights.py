@@ -29,6 +29,7 @@ def test_reads_a_valid_adapter(adapter):
     ({"loftq": True, "base_quantization": "nf4"}, "nf4"),      # a LoftQ adapter: right on nf4 only
     ({"loftq": False, "base_quantization": "nf4"}, None),      # plain QLoRA starts at zero: any base
     ({"loftq": True, "base_quantization": 4}, None),
+    ({"loftq": True, "base_quantization": "<script>"}, None),  # only the quantizations there are
     ("not a card", None),
     (None, None),
 ])
