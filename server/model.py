@@ -72,10 +72,10 @@ def choose_device(spec: str) -> tuple[torch.device, str]:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether torch's bf16 matmuls on this CPU run on oneDNN (AVX-512, avx512_bf16, AMX).
+    """Whether oneDNN reports bf16 support on this CPU (it needs AVX-512), so bf16 matmuls use its kernels.
 
-    Without it (an AVX2-only EPYC, measured) a bf16 product of the default model's shapes ran at
-    about 2 GFLOP/s against 150 in float32: bf16 would then be a 10-100x slowdown, not a saving.
+    Where it does not (an AVX2-only EPYC, measured) a bf16 product of the default model's shapes ran
+    at about 2 GFLOP/s against 150 in float32: bf16 there is a 75x slowdown, not a saving.
     """
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
@@ -92,7 +92,7 @@ def choose_dtype(spec: str, device: torch.device, quantization: str) -> tuple[to
         return torch.float16, "CUDA device without bfloat16 support"
     if quantization != "none":
         if cpu_has_fast_bf16():
-            return torch.bfloat16, "bitsandbytes computes in bfloat16 on CPU (oneDNN's AVX-512 kernels)"
+            return torch.bfloat16, "bitsandbytes computes in bfloat16 on CPU (oneDNN reports bf16 support)"
         return torch.float32, ("this CPU has no fast bfloat16 matmul (AVX2 only: torch falls back to a kernel "
                                "measured 75x slower than float32), so bitsandbytes computes in float32")
     return torch.float32, ("CPU: float32 is exact; bfloat16 (--dtype bfloat16) decodes faster at large "
