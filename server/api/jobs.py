@@ -94,11 +94,17 @@ def _jobs(state: AppState) -> JobManager:
 def _data_file(state: AppState, data: str) -> Path:
     """The data file, inside train.data_dir after resolving symlinks and '..'; never outside it."""
     root = state.config.path(state.config.train.data_dir).resolve()
-    full = (root / data).resolve()
-    if root not in full.parents:
-        raise InvalidRequest(f"data {data!r} resolves outside the training data folder ({root})", param="data",
-                             code="path_outside_roots")
-    if not full.is_file():
+    if "\x00" in data:  # the OS cannot name it; a ValueError deep in pathlib otherwise
+        raise InvalidRequest("data holds a NUL byte", param="data", code="invalid_path")
+    try:
+        full = (root / data).resolve()
+        if root not in full.parents:
+            raise InvalidRequest(f"data {data!r} resolves outside the training data folder ({root})", param="data",
+                                 code="path_outside_roots")
+        found = full.is_file()
+    except (OSError, RuntimeError) as e:  # a name too long for the file system; RuntimeError: a symlink loop
+        raise InvalidRequest(f"data {data!r} cannot be resolved ({e})", param="data", code="invalid_path") from None
+    if not found:
         raise InvalidRequest(f"data {data!r}: no such file in {root}", param="data", code="data_not_found")
     return full
 

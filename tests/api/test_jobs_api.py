@@ -85,6 +85,8 @@ def test_train_job_with_bad_data_fails_naming_the_line(jobs_client, data_dir):
     ({"data": "../secret.jsonl"}, 400, "path_outside_roots"),
     ({"data": "/etc/passwd"}, 400, "path_outside_roots"),
     ({"data": "missing.jsonl"}, 400, "data_not_found"),
+    ({"data": "a\x00b.jsonl"}, 400, "invalid_path"),
+    ({"data": "x" * 5000 + ".jsonl"}, 400, "invalid_path"),
     ({"name": "alpha"}, 409, "name_taken"),
     ({"name": "../up"}, 400, "invalid_name"),
     ({"rank": 512}, 400, "rank_too_large"),
