@@ -5,8 +5,8 @@ which adapter variants may be blended), holds the sources while the engine build
 PEFT's `add_weighted_adapter`, publishes its folder by rename, and makes it visible only once the
 state file holds it. On any failure: no entry, no slot, no folder.
 
-The lifecycle it relies on (`_lock`, `_take`, `_make_room`, `_save`, `release`) is the
-registry's (registry.py); the blend math is server/lora/blend.py's and the engine's.
+The lifecycle it relies on is the registry's (`_lock`, `_save`: registry.py) and its memory's
+(`take`, `make_room`, `release`: memory.py); the blend math is server/lora/blend.py's and the engine's.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING
 
+from . import memory
 from .atomic import publish
 from .entries import Entry, Lease, check_name
 from .errors import Conflict
@@ -45,11 +46,11 @@ async def create_blend(reg: Registry, name: str, spec: BlendSpec, *, save: bool 
     lease = Lease(None)
     try:
         for src, _ in spec.adapters:
-            await reg._take(reg._entries[src], lease, request=False)
+            await memory.take(reg, reg._entries[src], lease, request=False)
         async with reg._lock:
             if name in reg._entries:
                 raise Conflict(f"{name!r} was registered concurrently", param="name", code="adapter_exists")
-            await reg._make_room()
+            await memory.make_room(reg)
             staging = reg.state.staging(name)
             try:
                 # The engine knows each source by its current version's name.
@@ -73,7 +74,7 @@ async def create_blend(reg: Registry, name: str, spec: BlendSpec, *, save: bool 
                 shutil.rmtree(target, ignore_errors=True)
                 raise
     finally:
-        reg.release(lease)
+        memory.release(reg, lease)
     reg.observer.blend_created()
     log.info("blend %s = %s of %s", name, spec.combination_type, spec.adapters)
     return entry, True

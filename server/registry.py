@@ -1,14 +1,10 @@
-"""Adapter lifecycle: names, leases, LRU memory, pins, blends, persistence.
+"""Adapter lifecycle: names, pins, replacements, unregistering, persistence.
 
-Owns: which adapters and blends exist (`Entry`, in entries.py), which of them are in the
-engine's memory, and the rules around that:
-- a request `acquire`s a lease on its adapter and releases it when done; an
-  adapter with leases out is never evicted or freed;
-- at most `max_loaded_adapters` are in memory (the engine's LoRA slots); loading past
-  it evicts the least recently used entry that is unpinned and idle; a request that
-  finds every slot busy waits up to `slot_wait_s` for one to go idle, then gets 429
-  (an admin load gets 429 at once); an evicted entry stays registered and is reloaded
-  on its next request;
+Owns: which adapters and blends exist (`Entry`, in entries.py), and the rules around them:
+- requests hold leases; at most `max_loaded_adapters` entries are in the engine's memory, the
+  least recently used idle unpinned one evicted to make room, a request finding every slot busy
+  waiting up to `slot_wait_s` and then getting 429 (an admin load gets 429 at once): leases,
+  eviction and loads are memory.py's; an evicted entry stays registered;
 - unregistering hides the name at once (new requests get 404), waits for the
   leases out on it, then frees it;
 - a replace loads the new version beside the old and swaps; the old one finishes its leases, or
@@ -41,12 +37,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import blends, versions
+from . import blends, memory, versions
 from .aliases import Alias
 from .engine.protocol import Engine
 from .entries import Allowed, Entry, Lease, NullObserver, Observer, check_name
-from .errors import Conflict, InvalidAdapter, InvalidRequest, NotFound, NotReady, Overloaded, StorageError
-from .lora.blend import BlendSpec, check_blendable, check_spec
+from .errors import Conflict, InvalidAdapter, NotFound, StorageError
+from .lora.blend import BlendSpec
 from .lora.weights import AdapterInfo, content_hash
 from .resolvers import Resolvers
 from .restore import restore
@@ -119,7 +115,7 @@ class Registry:
     def counts(self) -> dict[str, int]:
         """For the metrics: registered (adapters and blends), in memory, pinned, blends."""
         listed = self.entries()
-        return {"registered": len(listed), "loaded": self._loaded_count(),
+        return {"registered": len(listed), "loaded": memory.loaded_count(self),
                 "pinned": sum(e.pinned for e in listed), "blends": sum(e.kind == "blend" for e in listed)}
 
     # -- names, versions and aliases (versions.py) ------------------------------------
@@ -146,141 +142,14 @@ class Registry:
     async def create_blend(self, name: str, spec: BlendSpec, *, save: bool = False) -> tuple[Entry, bool]:
         return await blends.create_blend(self, name, spec, save=save)
 
-    # -- leases ------------------------------------------------------------------------
+    # -- leases and memory (memory.py) -------------------------------------------------
     async def acquire(self, model: str, mix: list[tuple[str, float]] | None = None,
                       allowed: Allowed | None = None, seed: str = "") -> Lease:
-        """Lease the adapter a request names (loading it if evicted). Release with `release`.
-        The lease holds one version for the whole request: a replace or an alias flip after this
-        line sends new requests elsewhere and lets this one finish on what it got."""
-        try:
-            e = self.lookup(model, allowed, seed)
-        except NotFound:
-            if not await versions.resolve_unknown(self, model, allowed):
-                raise
-            e = self.lookup(model, allowed, seed)  # registered now, like a cold load
-        if mix:
-            if e is not None:
-                raise InvalidRequest("`adapters` blends on top of the base model: set `model` to the base id "
-                                     f"{self.base_id!r}", param="adapters")
-            return await self._acquire_mix(mix, allowed)
-        if e is None:
-            return Lease(None)
-        lease = Lease(e.engine_key, name=e.name, version=e.version)
-        try:
-            await self._take(e, lease)
-        except BaseException:
-            self.release(lease)
-            raise
-        return lease
-
-    async def _take(self, e: Entry, lease: Lease, *, request: bool = True) -> None:
-        """Hold `e` for the lease (loading it if evicted). `request`: count it as a client request."""
-        # Count the lease first, with no await before it: from here on `e` cannot be evicted.
-        e.inflight += 1
-        e.idle.clear()
-        e.requests_total += request
-        self._touch(e)
-        lease.entries.append(e)
-        if not e.loaded:
-            async with self._lock:
-                if not e.loaded:
-                    try:
-                        await self._load_into_memory(e, wait=self.slot_wait_s if request else 0.0)
-                    except InvalidAdapter as err:
-                        # Its files changed or broke on disk after it was validated: the reason is for
-                        # the admin API (it holds paths); the client learns only that it is unavailable.
-                        e.error = err.message
-                        raise NotReady(f"adapter {e.name!r} is unavailable: its files on disk changed or broke "
-                                       "since it was registered; an admin must replace it",
-                                       code="adapter_unavailable") from None
+        """Lease the adapter (or a mix's sources) a request names; give it back with `release`."""
+        return await memory.acquire(self, model, mix, allowed, seed)
 
     def release(self, lease: Lease) -> None:
-        if lease.released:
-            return
-        lease.released = True
-        for e in lease.entries:
-            e.inflight -= 1
-            if e.inflight == 0:
-                e.idle.set()
-                self._went_idle.set()
-
-    async def _acquire_mix(self, mix: list[tuple[str, float]], allowed: Allowed | None) -> Lease:
-        spec = BlendSpec(tuple(mix), "cat")
-        usable = [e for e in self.entries() if allowed is None or allowed(e.name)]  # others are "unknown"
-        try:
-            check_spec(spec, {e.name: e.info.rank for e in usable})
-            check_blendable(spec, {e.name: e.info.variants for e in usable}, "a per-request mix")
-        except InvalidAdapter as e:
-            raise InvalidRequest(e.message, param="adapters", code=e.code) from None
-        # The engine names each source by its current version: a source replaced later is not mixed.
-        lease = Lease(None, mix=tuple((self._entries[src].engine_key, w) for src, w in spec.adapters))
-        try:
-            for src, _ in spec.adapters:  # sources stay in memory while the request runs
-                await self._take(self._entries[src], lease)
-        except BaseException:
-            self.release(lease)
-            raise
-        return lease
-
-    # -- memory ------------------------------------------------------------------------
-    def _loaded_count(self) -> int:
-        """Engine slots in use: loaded entries, and replaced versions still finishing requests."""
-        return sum(1 for e in self._slotted() if e.loaded) + len(self._retiring)
-
-    def _slotted(self) -> list[Entry]:
-        """Entries that may hold a slot and be evicted: registered ones and versions kept for aliases."""
-        return [*self._entries.values(), *self._held.values()]
-
-    async def _make_room(self, wait: float = 0.0) -> None:
-        """Evict LRU idle unpinned entries until one more fits. Call with _lock held.
-        With every slot serving, wait up to `wait` seconds for one to go idle, then 429."""
-        deadline = time.monotonic() + wait
-        while self._loaded_count() >= self.capacity:
-            idle = [e for e in self._slotted() if e.loaded and not e.pinned and e.inflight == 0]
-            if not idle and time.monotonic() < deadline:
-                self._went_idle.clear()
-                try:
-                    await asyncio.wait_for(self._went_idle.wait(), deadline - time.monotonic())
-                except TimeoutError:
-                    pass
-                continue
-            if not idle:
-                busy = sum(1 for e in self._entries.values() if e.loaded and e.inflight)
-                pinned = sum(1 for e in self._entries.values() if e.loaded and e.pinned)
-                self.observer.adapter_loaded("overloaded")
-                raise Overloaded(f"all {self.capacity} adapter slots (adapters.max_loaded_adapters) are taken: "
-                                 f"{busy} serving requests, {pinned} pinned; retry later", retry_after=1,
-                                 code="adapter_capacity")
-            victim = min(idle, key=lambda e: e.use_seq)
-            # Mark it gone before awaiting the engine: a request that arrives meanwhile must
-            # see it unloaded and queue for a reload, not be routed to weights being freed.
-            victim.loaded = False
-            await self.engine.unload_adapter(victim.engine_key)
-            self.observer.adapter_evicted()
-            log.info("evicted %s (least recently used)", victim.name)
-
-    async def _load_into_memory(self, e: Entry, wait: float = 0.0) -> None:
-        """Call with _lock held."""
-        await self._make_room(wait)
-        t0 = time.perf_counter()
-        assert e.path is not None, "a mix is never loaded; its sources are"
-        try:
-            info = await self.engine.load_adapter(e.engine_key, e.path, check_rank=e.kind == "adapter")
-        except InvalidAdapter:
-            self.observer.adapter_loaded("invalid")
-            raise
-        if e.info.sha256 and info.sha256 != e.info.sha256:  # what is served is what was validated
-            await self.engine.unload_adapter(e.engine_key)
-            self.observer.adapter_loaded("invalid")
-            raise InvalidAdapter(f"adapter {e.name!r}: its files in {e.path} changed since it was registered "
-                                 f"(sha256 {e.info.sha256[:12]} then, {info.sha256[:12]} now); register it again "
-                                 "with replace to serve the new content", code="content_changed")
-        e.info, e.error = info, None
-        self.observer.adapter_loaded("ok", time.perf_counter() - t0)
-        e.loaded, e.loaded_at = True, time.time()
-        self._seq += 1
-        e.use_seq = max(e.use_seq, self._seq)  # just loaded counts as just used
-        log.info("loaded %s into memory in %.0f ms", e.name, 1000 * (time.perf_counter() - t0))
+        memory.release(self, lease)
 
     # -- admin operations ----------------------------------------------------------
     async def register(self, name: str, path: str | Path, *, pinned: bool = False,
@@ -317,7 +186,7 @@ class Registry:
                           pending=True)
             self._entries[name] = entry  # reserved, not yet visible: a concurrent register of the name gets 409
             try:
-                await self._load_into_memory(entry)
+                await memory.load(self, entry)
             except BaseException:
                 del self._entries[name]  # a failed load leaves no trace
                 raise
@@ -348,7 +217,7 @@ class Registry:
             self._versions += 1
             new = Entry(old.name, "adapter", folder, AdapterInfo(folder, 0, 0.0, (), "", 0),
                         pinned=pinned or old.pinned, created=old.created, engine_key=f"{old.name}~{self._versions}")
-            await self._load_into_memory(new)  # raises: nothing changed
+            await memory.load(self, new)  # raises: nothing changed
 
             keep = versions.referenced(self, f"{old.name}@{old.version}")  # an alias names this version
 
@@ -431,7 +300,7 @@ class Registry:
             e.pinned = pinned
             try:
                 if pinned and not e.loaded:
-                    await self._load_into_memory(e)
+                    await memory.load(self, e)
                 await self._save()
             except BaseException:
                 e.pinned = was  # a pin's load that succeeded stays: in memory, unpinned, as before
@@ -484,10 +353,10 @@ class Registry:
         loaded = []
         async with self._lock:
             for e in order:
-                if self._loaded_count() >= self.capacity:
+                if memory.loaded_count(self) >= self.capacity:
                     break
                 try:
-                    await self._load_into_memory(e)
+                    await memory.load(self, e)
                     loaded.append(e.name)
                 except InvalidAdapter as err:
                     log.warning("skipping adapter %s: %s", e.name, err.message)
