@@ -103,7 +103,9 @@ def _data_file(state: AppState, data: str) -> Path:
                                  code="path_outside_roots")
         found = full.is_file()
     except (OSError, RuntimeError) as e:  # a name too long for the file system; RuntimeError: a symlink loop
-        raise InvalidRequest(f"data {data!r} cannot be resolved ({e})", param="data", code="invalid_path") from None
+        shown = data if len(data) <= 200 else data[:200] + "..."  # the name once, not a 5,000-character echo
+        raise InvalidRequest(f"data {shown!r} cannot be resolved ({getattr(e, 'strerror', None) or e})",
+                             param="data", code="invalid_path") from None
     if not found:
         raise InvalidRequest(f"data {data!r}: no such file in {root}", param="data", code="data_not_found")
     return full

@@ -108,6 +108,7 @@ def test_train_requests_are_checked_before_queueing(jobs_client, body, status, c
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     if code:
         assert r.json()["error"]["code"] == code
+    assert len(r.json()["error"]["message"]) < 1000  # a long name is shown cut, once
     assert client.get("/admin/jobs").json()["data"] == []
 
 
