@@ -91,23 +91,36 @@ def _jobs(state: AppState) -> JobManager:
     return state.jobs
 
 
+def _inside_data_dir(state: AppState, path: Path, param: str, outside: str) -> Path:
+    """`path` after symlinks and '..', when it lies inside train.data_dir; `outside` is the 400's
+    message when it does not. A path the OS cannot name or resolve is a 400 too, not a 500."""
+    root = state.config.path(state.config.train.data_dir).resolve()
+    text = str(path)
+    shown = text if len(text) <= 200 else text[:200] + "..."  # the name once, not a 5,000-character echo
+    if "\x00" in text:  # the OS cannot name it; a ValueError deep in pathlib otherwise
+        raise InvalidRequest(f"{param} holds a NUL byte", param=param, code="invalid_path")
+    try:
+        full = path.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise InvalidRequest(f"{param} {shown!r} cannot be resolved ({getattr(e, 'strerror', None) or e})",
+                             param=param, code="invalid_path") from None
+    if root not in full.parents:
+        raise InvalidRequest(f"{outside} ({root})", param=param, code="path_outside_roots")
+    return full
+
+
 def _data_file(state: AppState, data: str) -> Path:
     """The data file, inside train.data_dir after resolving symlinks and '..'; never outside it."""
     root = state.config.path(state.config.train.data_dir).resolve()
-    if "\x00" in data:  # the OS cannot name it; a ValueError deep in pathlib otherwise
-        raise InvalidRequest("data holds a NUL byte", param="data", code="invalid_path")
+    shown = data if len(data) <= 200 else data[:200] + "..."
+    full = _inside_data_dir(state, root / data, "data", f"data {shown!r} resolves outside the training data folder")
     try:
-        full = (root / data).resolve()
-        if root not in full.parents:
-            raise InvalidRequest(f"data {data!r} resolves outside the training data folder ({root})", param="data",
-                                 code="path_outside_roots")
         found = full.is_file()
-    except (OSError, RuntimeError) as e:  # a name too long for the file system; RuntimeError: a symlink loop
-        shown = data if len(data) <= 200 else data[:200] + "..."  # the name once, not a 5,000-character echo
-        raise InvalidRequest(f"data {shown!r} cannot be resolved ({getattr(e, 'strerror', None) or e})",
-                             param="data", code="invalid_path") from None
+    except OSError as e:  # a name too long for the file system
+        raise InvalidRequest(f"data {shown!r} cannot be read ({e.strerror or e})", param="data",
+                             code="invalid_path") from None
     if not found:
-        raise InvalidRequest(f"data {data!r}: no such file in {root}", param="data", code="data_not_found")
+        raise InvalidRequest(f"data {shown!r}: no such file in {root}", param="data", code="data_not_found")
     return full
 
 
@@ -207,10 +220,9 @@ def _card_data_inside_data_dir(state: AppState, folder: Path) -> None:
         data, _ = held_out(folder)
     except DataError as e:
         raise InvalidRequest(str(e), param="held_out", code="no_training_card") from None
-    root = state.config.path(state.config.train.data_dir).resolve()
-    if root not in data.resolve().parents:   # relative: to the working folder, as the job reads it
-        raise InvalidRequest(f"the training card of {folder.name!r} names a data file outside the training data "
-                             f"folder ({root})", param="held_out", code="path_outside_roots")
+    # Relative: to the working folder, as the job reads it.
+    _inside_data_dir(state, data, "held_out", f"the training card of {folder.name!r} names a data file outside "
+                     "the training data folder")
 
 
 @router.post("/admin/evals")

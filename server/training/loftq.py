@@ -16,8 +16,8 @@ Two notions of best, one code path (`low_rank_fix`):
   L = SVD_r(E R) R^-1. Activations are far from isotropic (a few channels carry most of the
   energy), so the rank-r budget goes where the inputs are; the plain fix spends it evenly.
 Measured on the default model's samples (README, loadtest/trainer_defaults.py): QLoRA alone ends
-17-20 % above LoRA's eval loss, after the plain fix 8-22 %, after the calibrated one within 5 % of
-LoRA or below it on all three.
+17-20 % above LoRA's eval loss, after the plain fix 8-22 % (on the two it ran on), after the
+calibrated one within 5 % of LoRA or below it on all three.
 Only one iteration is possible here: the resident base is Q(W), shared with every other adapter,
 so the quantized weights cannot be re-chosen around the adapter as iterated LoftQ does.
 

@@ -184,6 +184,10 @@ def test_eval_jobs(jobs_client, store_copy):
     (store_copy / "beta" / "training.json").write_text(json.dumps(card))
     r = client.post("/admin/evals", json={"held_out": "beta"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "path_outside_roots"
+    card["data"]["file"] = "a\x00b.jsonl"   # a name the OS cannot hold: a 400 too, never a 500
+    (store_copy / "beta" / "training.json").write_text(json.dumps(card))
+    r = client.post("/admin/evals", json={"held_out": "beta"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_path"
 
 
 def test_the_data_folder_is_listed(jobs_client, data_dir):
